@@ -1,0 +1,61 @@
+"""foundation-codec: lossy image compression with a frozen foundation diffusion model.
+
+`load_codec()` is the one entry point jobs use; the pieces live one concept per file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backbone import Backbone, BackboneError
+from .bitstream import BitstreamError
+from .images import ImageError, LoadedImage, load_image, to_png
+from .model import CODEC_VERSION, CodecConfig, CodecError, DiffusionCodec, Encoded, psnr
+
+NANO_DIR = Path(__file__).parent / "weights" / "nano"
+
+
+def default_backbone() -> str:
+    """The project's own nano backbone once its weights ship; the random tiny one until then."""
+    return "nano" if (NANO_DIR / "model_index.json").is_file() else "tiny"
+
+
+def load_backbone(spec: str = "tiny", vae: str | None = None, device: str | None = None) -> Backbone:
+    """Resolve a backbone spec: `tiny`, `nano`, a hub id or a snapshot folder; optional TAESD VAE."""
+    if spec == "tiny":
+        bb = Backbone.tiny(0)
+    elif spec == "nano":
+        if not (NANO_DIR / "model_index.json").is_file():
+            raise BackboneError(f"the nano backbone's weights are not installed at {NANO_DIR}; use --backbone tiny")
+        bb = Backbone.from_pretrained(str(NANO_DIR))
+        bb.name = "nano"
+    else:
+        bb = Backbone.from_pretrained(spec)
+    if vae:
+        from .taesd import TinyAutoencoder
+
+        try:
+            bb = bb.with_vae(TinyAutoencoder.from_dir(vae))
+        except (FileNotFoundError, ValueError) as e:
+            raise BackboneError(str(e)) from None
+    if device:
+        bb.to(device)
+    return bb
+
+
+def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "static",
+               codec_weights: str | None = None, device: str | None = None,
+               config: CodecConfig | None = None) -> DiffusionCodec:
+    """Build a ready codec (entropy tables updated) from CLI-style options."""
+    bb = load_backbone(backbone, vae, device)
+    config = config or CodecConfig()
+    if codec_weights:
+        return DiffusionCodec.from_pretrained(codec_weights, bb, config)
+    config.entropy = entropy
+    return DiffusionCodec(bb, config=config)
+
+
+__all__ = [
+    "Backbone", "BackboneError", "BitstreamError", "CODEC_VERSION", "CodecConfig", "CodecError",
+    "DiffusionCodec", "Encoded", "ImageError", "LoadedImage", "default_backbone", "load_backbone",
+    "load_codec", "load_image", "psnr", "to_png",
+]

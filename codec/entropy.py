@@ -1,0 +1,249 @@
+"""Entropy models over the quantized latent ŷ, on CompressAI (real rANS range coding to bytes).
+
+Two models share one small interface (CompressAI style: `update()` before coding):
+
+* `StaticEntropyModel` (training-free, beyond the paper): each channel is a zero-mean discretized
+  Gaussian whose scale travels as one byte of side information (an index into the scale table).
+  Works with any backbone before any training.
+* `HyperpriorEntropyModel` (the paper's learned model): a mean-scale hyperprior (Minnen et al.
+  2018): h_a(ŷ) → z, z coded with a factorized `EntropyBottleneck`, h_s(ẑ) → (μ, σ) for ŷ.
+
+Determinism (bitstreams are forever): everything that the decoder must reproduce — h_s, the
+mean rounding, the scale → table-index map, the CDF tables — runs on the CPU in float64 and ends
+in integers, so no float detail of a machine, thread count or batch composition reaches the
+range coder. The integer CDF tables are hashed into the codec fingerprint; a decoder whose
+tables differ refuses the bitstream instead of decoding garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 256.0, 64
+LIKELIHOOD_BOUND = 1e-9
+
+
+def scale_table() -> list[float]:
+    """CompressAI's log-spaced table of Gaussian scales (computed in float64)."""
+    return [float(v) for v in np.exp(np.linspace(math.log(SCALE_MIN), math.log(SCALE_MAX), SCALE_LEVELS))]
+
+
+def scale_to_index(scales: np.ndarray) -> np.ndarray:
+    """Nearest table entry in the log domain, float64; the only float→int step on the decoder."""
+    table = np.log(np.asarray(scale_table(), dtype=np.float64))
+    s = np.log(np.clip(np.asarray(scales, dtype=np.float64), SCALE_MIN, SCALE_MAX))
+    step = (table[-1] - table[0]) / (SCALE_LEVELS - 1)
+    return np.clip(np.floor((s - table[0]) / step + 0.5), 0, SCALE_LEVELS - 1).astype(np.int32)
+
+
+@dataclass
+class Payload:
+    """What an entropy model writes for one image: range-coded strings plus side bytes."""
+
+    strings: list[bytes]
+    side: bytes = b""
+
+
+class _GaussianCoder(nn.Module):
+    """A `GaussianConditional` with its CDF tables built once, in float64, as Python lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from compressai.entropy_models import GaussianConditional
+
+        self.gc = GaussianConditional(scale_table())
+        self._lists: tuple | None = None
+
+    def update(self) -> None:
+        self.gc.double()
+        self.gc.update_scale_table(scale_table(), force=True)
+        self.gc.float()
+        self._lists = (
+            self.gc._quantized_cdf.tolist(),
+            self.gc._cdf_length.reshape(-1).int().tolist(),
+            self.gc._offset.reshape(-1).int().tolist(),
+        )
+
+    def tables_digest(self) -> bytes:
+        return _digest_ints(self.gc._quantized_cdf, self.gc._cdf_length, self.gc._offset)
+
+    def encode(self, symbols: np.ndarray, indexes: np.ndarray) -> bytes:
+        from compressai.ans import RansEncoder
+
+        cdf, lengths, offsets = self._require()
+        return RansEncoder().encode_with_indexes(
+            symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), cdf, lengths, offsets
+        )
+
+    def decode(self, string: bytes, indexes: np.ndarray) -> np.ndarray:
+        from compressai.ans import RansDecoder
+
+        cdf, lengths, offsets = self._require()
+        values = RansDecoder().decode_with_indexes(string, indexes.reshape(-1).tolist(), cdf, lengths, offsets)
+        return np.asarray(values, dtype=np.int32).reshape(indexes.shape)
+
+    def bits(self, symbols: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """−log2 P of integer (or noisy) symbols under N(0, σ) discretized to unit bins."""
+        lik = self.gc._likelihood(symbols, scales).clamp_min(LIKELIHOOD_BOUND)
+        return -torch.log2(lik)
+
+    def _require(self) -> tuple:
+        if self._lists is None:
+            raise RuntimeError("entropy model not ready: call update() before compress/decompress")
+        return self._lists
+
+
+class StaticEntropyModel(nn.Module):
+    """Per-channel zero-mean Gaussian; the C scale indexes are the side information."""
+
+    model_id = 0
+    name = "static"
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.channels = channels
+        self.coder = _GaussianCoder()
+
+    def update(self) -> None:
+        self.coder.update()
+
+    def tables_digest(self) -> bytes:
+        return self.coder.tables_digest()
+
+    def _indexes(self, y_hat: np.ndarray) -> np.ndarray:
+        # The rms (not std) of each channel: the coding mean is 0, so the rms fits the symbols.
+        rms = np.sqrt(np.mean(np.square(y_hat.astype(np.float64)), axis=(1, 2)))
+        return scale_to_index(rms)
+
+    def compress(self, y_hat: np.ndarray) -> Payload:
+        """Integer symbols (C, h, w) -> Payload(strings=[one string], side=C index bytes)."""
+        idx = self._indexes(y_hat)
+        full = np.broadcast_to(idx[:, None, None], y_hat.shape)
+        return Payload([self.coder.encode(y_hat.astype(np.int32), full)], bytes(idx.astype(np.uint8).tolist()))
+
+    def decompress(self, payload: Payload, shape: tuple[int, int, int]) -> np.ndarray:
+        if len(payload.strings) != 1 or len(payload.side) != shape[0]:
+            raise ValueError("static entropy payload needs 1 string and one side byte per channel")
+        idx = np.frombuffer(payload.side, dtype=np.uint8).astype(np.int32)
+        if idx.max(initial=0) >= SCALE_LEVELS:
+            raise ValueError(f"scale index {int(idx.max())} outside the table of {SCALE_LEVELS}")
+        return self.coder.decode(payload.strings[0], np.broadcast_to(idx[:, None, None], shape).copy())
+
+    def estimate_bits(self, y_hat: np.ndarray) -> float:
+        """The model's own estimate of the payload size in bits (excluding side bytes)."""
+        idx = self._indexes(y_hat)
+        scales = torch.tensor(scale_table(), dtype=torch.float64)[torch.from_numpy(idx).long()]
+        return float(self.coder.bits(torch.from_numpy(y_hat).double(), scales[:, None, None]).sum())
+
+    def likelihood_bits(self, y: torch.Tensor) -> torch.Tensor:
+        """Differentiable bits of a (B,C,h,w) batch, per image (rms scale per channel)."""
+        scales = y.detach().pow(2).mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(SCALE_MIN)
+        return self.coder.bits(y, scales).sum(dim=(1, 2, 3))
+
+
+class HyperpriorEntropyModel(nn.Module):
+    """Mean-scale hyperprior over the C-channel latent (Minnen et al. 2018, no context model)."""
+
+    model_id = 1
+    name = "hyperprior"
+
+    def __init__(self, channels: int = 4, hidden: int = 64) -> None:
+        super().__init__()
+        from compressai.entropy_models import EntropyBottleneck
+
+        self.channels, self.hidden = channels, hidden
+        act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
+        self.h_a = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), act(),
+            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2), act(),
+            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2),
+        )
+        self.h_s = nn.Sequential(
+            nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1), act(),
+            nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1), act(),
+            nn.Conv2d(hidden, 2 * channels, 3, padding=1),
+        )
+        self.entropy_bottleneck = EntropyBottleneck(hidden)
+        self.coder = _GaussianCoder()
+        self._h_s64: nn.Module | None = None
+
+    def update(self) -> None:
+        self.coder.update()
+        eb = self.entropy_bottleneck
+        eb.double()
+        eb.update(force=True)
+        eb.float()
+        import copy
+
+        self._h_s64 = copy.deepcopy(self.h_s).cpu().double().eval()
+
+    def tables_digest(self) -> bytes:
+        eb = self.entropy_bottleneck
+        return self.coder.tables_digest() + _digest_ints(eb._quantized_cdf, eb._cdf_length, eb._offset)
+
+    def _params(self, z_hat: torch.Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Integer means and scale indexes for ŷ from ẑ: float64 CPU, single deterministic path."""
+        if self._h_s64 is None:
+            raise RuntimeError("entropy model not ready: call update() before compress/decompress")
+        with torch.inference_mode():
+            out = self._h_s64(z_hat.double().cpu())[0]
+        c, h, w = shape
+        means, scales = out[:c, :h, :w].numpy(), out[c:, :h, :w].numpy()
+        return np.round(means).astype(np.int32), scale_to_index(np.exp(scales))
+
+    def compress(self, y_hat: np.ndarray) -> Payload:
+        """Integer ŷ (C,h,w), h and w multiples of 4 -> Payload([y string, z string])."""
+        with torch.inference_mode():
+            z = self.h_a(torch.from_numpy(y_hat).float()[None].to(self._device()))
+            z_strings = self.entropy_bottleneck.compress(z.cpu())
+            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        means, idx = self._params(z_hat, y_hat.shape)
+        y_string = self.coder.encode(y_hat.astype(np.int32) - means, idx)
+        return Payload([y_string, z_strings[0]])
+
+    def decompress(self, payload: Payload, shape: tuple[int, int, int]) -> np.ndarray:
+        if len(payload.strings) != 2:
+            raise ValueError("hyperprior payload needs 2 strings")
+        c, h, w = shape
+        z_hat = self.entropy_bottleneck.decompress([payload.strings[1]], ((h + 3) // 4, (w + 3) // 4))
+        means, idx = self._params(z_hat, shape)
+        return self.coder.decode(payload.strings[0], idx) + means
+
+    def estimate_bits(self, y_hat: np.ndarray) -> float:
+        with torch.inference_mode():
+            z = self.h_a(torch.from_numpy(y_hat).float()[None].to(self._device())).cpu()
+            _, z_lik = self.entropy_bottleneck(z, training=False)
+            z_hat = self.entropy_bottleneck.decompress(self.entropy_bottleneck.compress(z), z.shape[-2:])
+        means, idx = self._params(z_hat, y_hat.shape)
+        scales = torch.tensor(scale_table(), dtype=torch.float64)[torch.from_numpy(idx).long()]
+        y_bits = self.coder.bits(torch.from_numpy(y_hat - means).double(), scales).sum()
+        return float(y_bits - torch.log2(z_lik.double()).sum())
+
+    def likelihood_bits(self, y: torch.Tensor) -> torch.Tensor:
+        """Differentiable bits per image of a noisy (training) or rounded (eval) batch."""
+        z = self.h_a(y)
+        z_tilde, z_lik = self.entropy_bottleneck(z)
+        out = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]
+        means, log_scales = out.chunk(2, dim=1)
+        y_bits = self.coder.bits(y - means, log_scales.exp())
+        z_bits = -torch.log2(z_lik.clamp_min(LIKELIHOOD_BOUND))
+        return y_bits.sum(dim=(1, 2, 3)) + z_bits.sum(dim=(1, 2, 3))
+
+    def _device(self) -> torch.device:
+        return next(self.h_a.parameters()).device
+
+
+ENTROPY_MODELS = {"static": StaticEntropyModel, "hyperprior": HyperpriorEntropyModel}
+ENTROPY_IDS = {cls.model_id: name for name, cls in ENTROPY_MODELS.items()}
+
+
+def _digest_ints(*tensors: torch.Tensor) -> bytes:
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes())
+    return h.digest()

@@ -1,0 +1,355 @@
+"""`DiffusionCodec`: Figure 3 of the paper, encode and decode, batched.
+
+Encode (one image):  RGB uint8 → pad to the backbone's multiple → VAE encode (scaled latent z)
+→ γ and t (given, searched for a target bpp, or predicted by the estimator)
+→ y = (z − shift) / (scale · Δ_t), ŷ = round(y) → entropy code (CPU, float64 → integers)
+→ bitstream record.
+
+Decode: parse + verify → entropy decode ŷ (+ symbol hash check) → ẑ = ŷ · scale · Δ_t + shift
+→ x_t = √ᾱ_t ẑ → DDIM t → 0 (≤ steps UNet calls) → VAE decode → crop → RGB uint8.
+
+This module knows nothing of Ray or storage: lists of arrays and bytes in, lists out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import bitstream as bs
+from .backbone import Backbone
+from .denoise import denoise
+from .entropy import ENTROPY_IDS, ENTROPY_MODELS, Payload
+from .estimator import ParameterEstimator
+from .images import DEFAULT_MAX_PIXELS, LoadedImage
+from .noise import step_size
+
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_T = 100
+DEFAULT_STEPS = 8
+CODEC_VERSION = "0.1.0"
+
+
+class CodecError(ValueError):
+    """An encode/decode request that cannot be served; the message says what to do."""
+
+
+@dataclass
+class CodecConfig:
+    """Encoder and decoder settings (plain data, stored in job manifests)."""
+
+    entropy: str = "static"
+    t: int | None = None  # fixed t; None: estimator if trained, else target_bpp, else DEFAULT_T
+    target_bpp: float | None = None
+    lam: float = 1.0  # rate trade-off fed to the estimator
+    steps: int = DEFAULT_STEPS  # decoder DDIM budget
+    batch_size: int = 8
+    # Network precision: float32 (default), float64 or bfloat16/float16 (GPU). The entropy path
+    # is always float64 → integers, so symbols are bit-exact everywhere. Decoded *pixels* are
+    # identical across batch compositions and thread counts only in float64 ("exact" mode):
+    # float32 kernels differ by ~1e-6 between batch sizes, enough to flip a rare rounded pixel.
+    precision: str = "float32"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    """One encoded image: the record and facts worth a column in a dataset."""
+
+    data: bytes
+    t: int
+    width: int
+    height: int
+
+    @property
+    def bpp(self) -> float:
+        return len(self.data) * 8.0 / (self.width * self.height)
+
+
+class DiffusionCodec:
+    """The codec: a frozen `Backbone`, an entropy model and (optionally) a trained estimator."""
+
+    def __init__(self, backbone: Backbone, entropy_model=None, estimator: ParameterEstimator | None = None,
+                 config: CodecConfig | None = None) -> None:
+        self.backbone = backbone
+        self.config = config or CodecConfig()
+        prec = {"exact": "float64"}.get(self.config.precision, self.config.precision)
+        if prec not in PRECISIONS:
+            raise CodecError(f"unknown precision '{prec}' (choose exact, {', '.join(PRECISIONS)})")
+        backbone.to(backbone.device, PRECISIONS[prec])
+        if entropy_model is None:
+            if self.config.entropy not in ENTROPY_MODELS:
+                raise CodecError(f"unknown entropy model '{self.config.entropy}' (choose {', '.join(ENTROPY_MODELS)})")
+            entropy_model = ENTROPY_MODELS[self.config.entropy](backbone.latent_channels)
+        self.entropy = entropy_model.eval()
+        self.entropy.update()
+        self.estimator = estimator.eval() if estimator is not None else None
+        self._fp: bytes | None = None
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> bytes:
+        """8 bytes naming everything the decoder needs besides the backbone: the entropy model's
+        weights and its integer CDF tables, and the format version."""
+        if self._fp is None:
+            h = hashlib.blake2b(digest_size=8)
+            h.update(f"fdc{bs.VERSION}|{self.entropy.name}".encode())
+            for name, tensor in sorted(self.entropy.state_dict().items()):
+                if tensor.is_floating_point():
+                    h.update(name.encode() + tensor.detach().float().cpu().numpy().astype("<f4").tobytes())
+            h.update(self.entropy.tables_digest())
+            self._fp = h.digest()
+        return self._fp
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, images: list, t: int | None = None, target_bpp: float | None = None,
+               errors: str = "raise") -> list:
+        """Encode RGB uint8 arrays (H,W,3) or `LoadedImage`s; returns `Encoded` per image.
+
+        With errors="return", a failing image yields its exception in place of an `Encoded`.
+        """
+        t = t if t is not None else self.config.t
+        target_bpp = target_bpp if target_bpp is not None else self.config.target_bpp
+        items = [im if isinstance(im, LoadedImage) else LoadedImage(np.asarray(im)) for im in images]
+        out: list = [None] * len(items)
+        for idx_group, z in self._latents(items, out):
+            for i, zi in zip(idx_group, z):
+                try:
+                    out[i] = self._encode_latent(zi, items[i], t, target_bpp)
+                except Exception as e:  # one bad image fails alone
+                    out[i] = e
+        if errors == "raise":
+            for r in out:
+                if isinstance(r, Exception):
+                    raise r
+        return out
+
+    def _latents(self, items: list[LoadedImage], out: list):
+        """Yield (indices, latents) per bucket of equal padded size, in batches."""
+        m = self.backbone.pad_multiple
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, it in enumerate(items):
+            px = it.pixels
+            if px.ndim != 3 or px.shape[2] != 3 or px.dtype != np.uint8 or px.shape[0] < 1 or px.shape[1] < 1:
+                out[i] = CodecError(f"expected an (H, W, 3) uint8 image, got {px.shape} {px.dtype}")
+                continue
+            if px.shape[0] * px.shape[1] > self.config.max_pixels:
+                out[i] = CodecError(f"image of {px.shape[1]}x{px.shape[0]} exceeds the cap of {self.config.max_pixels} pixels")
+                continue
+            key = (-(-px.shape[0] // m) * m, -(-px.shape[1] // m) * m)
+            buckets.setdefault(key, []).append(i)
+        bsz = max(1, self.config.batch_size)
+        for (ph, pw), idxs in buckets.items():
+            for s in range(0, len(idxs), bsz):
+                group = idxs[s : s + bsz]
+                x = torch.stack([_to_tensor(items[i].pixels, ph, pw) for i in group])
+                yield group, self.backbone.encode(x).cpu()
+
+    def _encode_latent(self, z: torch.Tensor, item: LoadedImage, t: int | None, target_bpp: float | None) -> Encoded:
+        h, w = item.pixels.shape[:2]
+        shift, scale, t_pred = self._gamma(z)
+        if t is None and target_bpp is None and t_pred is not None:
+            t = t_pred
+        if t is not None:
+            return self._encode_at(z, item, int(t), shift, scale)
+        if target_bpp is None:
+            return self._encode_at(z, item, DEFAULT_T, shift, scale)
+        return self._search_t(z, item, float(target_bpp), shift, scale)
+
+    def _gamma(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """γ = (shift, scale) per channel as float16 (as stored), and the estimator's t if any."""
+        if self.estimator is not None:
+            with torch.inference_mode():
+                shift, scale, t = self.estimator(z[None].float(), torch.tensor([self.config.lam]))
+            return (shift[0].numpy().astype(np.float16), scale[0].numpy().astype(np.float16),
+                    int(round(float(t[0]))))
+        shift = z.double().mean(dim=(1, 2)).numpy().astype(np.float16)
+        return shift, np.ones_like(shift), None
+
+    def _search_t(self, z, item, target: float, shift, scale) -> Encoded:
+        """Smallest-error t for a target bpp: bisection on t (rate falls as t grows)."""
+        t_max = len(self.backbone.alphas_cumprod) - 1
+        lo, hi = 1, t_max
+        cache: dict[int, Encoded] = {}
+
+        def at(t: int) -> Encoded:
+            if t not in cache:
+                cache[t] = self._encode_at(z, item, t, shift, scale)
+            return cache[t]
+
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid).bpp > target:
+                lo = mid + 1
+            else:
+                hi = mid
+        best = min((at(c) for c in {max(1, lo - 1), lo, min(t_max, lo + 1)}), key=lambda e: abs(e.bpp - target))
+        return best
+
+    def quantize(self, z: torch.Tensor, t: int, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """ŷ = round((z − shift) / (scale · Δ_t)) as int32 (C, h, w)."""
+        delta = step_size(self.backbone.alphas_cumprod, t)
+        step = scale.astype(np.float64)[:, None, None] * delta
+        y = (z.double().numpy() - shift.astype(np.float64)[:, None, None]) / step
+        return np.clip(np.round(y), -(2**20), 2**20).astype(np.int32)
+
+    def dequantize(self, y_hat: np.ndarray, t: int, shift: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+        """ẑ = ŷ · scale · Δ_t + shift (float64 arithmetic, float32 result)."""
+        delta = step_size(self.backbone.alphas_cumprod, t)
+        step = scale.astype(np.float64)[:, None, None] * delta
+        return torch.from_numpy((y_hat.astype(np.float64) * step + shift.astype(np.float64)[:, None, None]).astype(np.float32))
+
+    def _encode_at(self, z, item: LoadedImage, t: int, shift, scale) -> Encoded:
+        t = int(min(max(t, 1), len(self.backbone.alphas_cumprod) - 1))
+        y_hat = self.quantize(z, t, shift, scale)
+        payload = self.entropy.compress(y_hat)
+        h, w = item.pixels.shape[:2]
+        rec = bs.Record(
+            flags=(bs.FLAG_GRAY if item.gray else 0) | (bs.FLAG_ALPHA if item.alpha else 0),
+            entropy_id=self.entropy.model_id, backbone_fp=self.backbone.fingerprint(), codec_fp=self.fingerprint(),
+            width=w, height=h, t=t, latent_h=y_hat.shape[1], latent_w=y_hat.shape[2],
+            gamma=np.stack([shift, scale], axis=1).astype(np.float16), side=payload.side,
+            strings=payload.strings, symbol_hash=bs.symbol_hash(y_hat),
+        )
+        return Encoded(bs.pack(rec), t, w, h)
+
+    # ------------------------------------------------------------------ decode
+    def parse(self, data: bytes) -> bs.Record:
+        """Parse and check that this codec can decode the record (fingerprints, model id)."""
+        rec = bs.parse(data, max_pixels=self.config.max_pixels)
+        if rec.backbone_fp != self.backbone.fingerprint():
+            raise CodecError(
+                f"bitstream was made with another backbone (fingerprint {rec.backbone_fp.hex()}, this decoder has "
+                f"{self.backbone.fingerprint().hex()}): decode with the same --backbone/--vae as the encoder"
+            )
+        if rec.entropy_id != self.entropy.model_id:
+            want = ENTROPY_IDS.get(rec.entropy_id, f"unknown id {rec.entropy_id}")
+            raise CodecError(f"bitstream uses the '{want}' entropy model; this decoder has '{self.entropy.name}' (pass --entropy {want})")
+        if rec.codec_fp != self.fingerprint():
+            raise CodecError(
+                f"bitstream was made with other codec weights (fingerprint {rec.codec_fp.hex()}, this decoder has "
+                f"{self.fingerprint().hex()}): pass the same --codec-weights as the encoder"
+            )
+        if rec.channels != self.backbone.latent_channels:
+            raise CodecError(f"bitstream has {rec.channels} latent channels, the backbone {self.backbone.latent_channels}")
+        if rec.t >= len(self.backbone.alphas_cumprod):
+            raise bs.BitstreamError(f"bitstream has t = {rec.t}, beyond the schedule of {len(self.backbone.alphas_cumprod)} steps")
+        return rec
+
+    def decode_latent(self, rec: bs.Record) -> torch.Tensor:
+        """Entropy-decode and dequantize one parsed record to ẑ (C, h, w); checks the symbol hash."""
+        shape = (rec.channels, rec.latent_h, rec.latent_w)
+        try:
+            y_hat = self.entropy.decompress(Payload(rec.strings, rec.side), shape)
+        except bs.BitstreamError:
+            raise
+        except Exception as e:
+            raise bs.BitstreamError(f"entropy decoding failed: {e}") from None
+        if bs.symbol_hash(y_hat) != rec.symbol_hash:
+            raise bs.BitstreamError("decoded symbols do not match the record's symbol hash (corrupt or hostile record)")
+        gamma = rec.gamma.astype(np.float16)
+        return self.dequantize(y_hat, rec.t, gamma[:, 0], gamma[:, 1])
+
+    def decode(self, records: list[bytes], steps: int | None = None, errors: str = "raise") -> list:
+        """Decode records to RGB uint8 arrays (H, W, 3) at their original size.
+
+        `steps` is the DDIM budget (0 = no denoising). With errors="return", a failing record
+        yields its exception in its place.
+        """
+        steps = self.config.steps if steps is None else int(steps)
+        out: list = [None] * len(records)
+        ready: dict[tuple[int, int, int], list[tuple[int, bs.Record, torch.Tensor]]] = {}
+        for i, data in enumerate(records):
+            try:
+                rec = self.parse(data)
+                z_hat = self.decode_latent(rec)
+                k = min(steps, rec.t)
+                ready.setdefault((rec.latent_h, rec.latent_w, k), []).append((i, rec, z_hat))
+            except Exception as e:
+                out[i] = e
+        bsz = max(1, self.config.batch_size)
+        for (_, _, k), group in ready.items():
+            for s in range(0, len(group), bsz):
+                part = group[s : s + bsz]
+                z = torch.stack([g[2] for g in part])
+                ts = torch.tensor([g[1].t for g in part], dtype=torch.long)
+                x0 = denoise(self.backbone, z.to(self.backbone.device, self.backbone.dtype), ts, k)
+                imgs = self.backbone.decode(x0).cpu()
+                for (i, rec, _), img in zip(part, imgs):
+                    out[i] = _to_uint8(img[:, : rec.height, : rec.width])
+        if errors == "raise":
+            for r in out:
+                if isinstance(r, Exception):
+                    raise r
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Entropy model (+ estimator) as safetensors + JSON config with the backbone fingerprint."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ent = {k: v.detach().cpu().contiguous() for k, v in self.entropy.state_dict().items() if v.is_floating_point()}
+        save_file(ent, str(out / "entropy.safetensors"))
+        cfg = {"format": 1, "entropy": self.entropy.name, "channels": self.backbone.latent_channels,
+               "hidden": getattr(self.entropy, "hidden", None), "backbone_fingerprint": self.backbone.fingerprint().hex(),
+               "codec_fingerprint": self.fingerprint().hex(), "lam": self.config.lam}
+        if self.estimator is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.estimator.state_dict().items()},
+                      str(out / "estimator.safetensors"))
+            cfg["estimator_hidden"] = self.estimator.features[0].out_channels
+        (out / "codec_config.json").write_text(json.dumps(cfg, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, weights_dir: str | Path, backbone: Backbone, config: CodecConfig | None = None) -> "DiffusionCodec":
+        """Load a folder written by `save_pretrained`; CDF tables are rebuilt with `update()`."""
+        from safetensors.torch import load_file
+
+        d = Path(weights_dir)
+        cfg_path = d / "codec_config.json"
+        if not cfg_path.is_file():
+            raise CodecError(f"no codec weights at '{d}' (expected codec_config.json and entropy.safetensors from `fcodec train`)")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("backbone_fingerprint") != backbone.fingerprint().hex():
+            raise CodecError(
+                f"codec weights in '{d}' were trained for backbone {cfg.get('backbone_fingerprint')}, "
+                f"not {backbone.fingerprint().hex()} ({backbone.name}): use the same --backbone/--vae as in training"
+            )
+        name = cfg["entropy"]
+        kwargs = {"hidden": cfg["hidden"]} if name == "hyperprior" and cfg.get("hidden") else {}
+        ent = ENTROPY_MODELS[name](cfg.get("channels", backbone.latent_channels), **kwargs)
+        missing = ent.load_state_dict(load_file(str(d / "entropy.safetensors")), strict=False)
+        if [k for k in missing.missing_keys if "quantized_cdf" not in k and "offset" not in k and "cdf_length" not in k]:
+            raise CodecError(f"codec weights in '{d}' miss tensors: {missing.missing_keys[:5]}")
+        est = None
+        if (d / "estimator.safetensors").is_file():
+            est = ParameterEstimator(backbone.latent_channels, cfg.get("estimator_hidden", 32))
+            est.load_state_dict(load_file(str(d / "estimator.safetensors")))
+        config = config or CodecConfig()
+        config.entropy = name
+        if "lam" in cfg and config.lam == CodecConfig.lam:
+            config.lam = float(cfg["lam"])
+        return cls(backbone, ent, est, config)
+
+
+def _to_tensor(px: np.ndarray, ph: int, pw: int) -> torch.Tensor:
+    """uint8 (H,W,3) -> [-1,1] (3,ph,pw), edge-padded (replicated borders cost fewer bits)."""
+    h, w = px.shape[:2]
+    padded = np.pad(px, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    return torch.from_numpy(padded).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """8-bit PSNR in dB."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

@@ -1,0 +1,1 @@
+"""Thin CLI entry points (`fcodec <job>`), one file per job, over codec/ and pipeline/."""

@@ -1,0 +1,28 @@
+"""`fcodec encode IMAGE OUT.fdc`: one image to one bitstream record."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_codec_args, atomic_write, codec_from_args
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("encode", help="compress one image file to a .fdc bitstream",
+                       description="Compress one image (PNG, JPEG, WebP, ...) to a foundation-codec bitstream.")
+    p.add_argument("image", help="input image file")
+    p.add_argument("out", help="output bitstream (.fdc)")
+    add_codec_args(p, encode=True, decode=False)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from codec import load_image
+
+    data = Path(args.image).read_bytes()
+    img = load_image(data)
+    codec = codec_from_args(args)
+    enc = codec.encode([img], t=args.t, target_bpp=args.target_bpp)[0]
+    atomic_write(args.out, enc.data)
+    print(f"{args.out}: {len(enc.data)} bytes, {enc.bpp:.4f} bpp, t={enc.t}, {enc.width}x{enc.height}")
+    return 0

@@ -1,0 +1,1 @@
+"""Ray Data stages and storage I/O; knows nothing of diffusion internals."""

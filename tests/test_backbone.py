@@ -1,0 +1,67 @@
+"""Loading: the SD folder layout through the real from_pretrained path; clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from codec import Backbone, BackboneError, load_backbone
+from codec.model import DiffusionCodec
+
+
+def _tiny_text_encoder(out_dir, dim):
+    """A tiny CLIP text encoder + tokenizer in the snapshot layout (as diffusers tests build them)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = out_dir / "tokenizer"
+    tok_dir.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8).save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(cfg).save_pretrained(out_dir / "text_encoder")
+
+
+def test_sd_layout_roundtrip_same_fingerprint_and_pixels(tmp_path, sample_images):
+    tiny = Backbone.tiny(0)
+    tiny.save_pretrained(tmp_path / "sd")
+    for sub in ("vae", "unet", "scheduler"):
+        assert (tmp_path / "sd" / sub).is_dir()
+    loaded = load_backbone(str(tmp_path / "sd"))
+    assert loaded.fingerprint() == tiny.fingerprint()
+    a, b = DiffusionCodec(tiny), DiffusionCodec(loaded)
+    data = a.encode([sample_images[0]], t=40)[0].data
+    assert b.encode([sample_images[0]], t=40)[0].data == data
+    assert np.array_equal(a.decode([data], steps=2)[0], b.decode([data], steps=2)[0])
+
+
+def test_empty_prompt_from_text_encoder_is_computed_once_and_cached(tmp_path):
+    snap = tmp_path / "sd"
+    Backbone.tiny(0).save_pretrained(snap)
+    (snap / "fcodec_empty_prompt.safetensors").unlink()
+    _tiny_text_encoder(snap, dim=32)
+    first = Backbone.from_pretrained(str(snap))
+    assert (snap / "fcodec_empty_prompt.safetensors").is_file()  # cached beside the snapshot
+    assert first.prompt_embeds.shape == (1, 8, 32)
+    import shutil
+
+    shutil.rmtree(snap / "text_encoder")  # no longer needed
+    second = Backbone.from_pretrained(str(snap))
+    assert second.fingerprint() == first.fingerprint()
+
+
+def test_missing_model_errors_say_what_to_do(tmp_path):
+    with pytest.raises(BackboneError, match="--backbone DIR"):
+        load_backbone(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match="snapshot"):
+        load_backbone(str(tmp_path / "empty"))
+    with pytest.raises(BackboneError, match="huggingface-cli download"):
+        load_backbone("stabilityai/stable-diffusion-2-1")  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_tiny_is_reproducible():
+    assert Backbone.tiny(0).fingerprint() == Backbone.tiny(0).fingerprint() != Backbone.tiny(1).fingerprint()
