@@ -6,8 +6,18 @@ import importlib
 import os
 import sys
 
-# name -> module under jobs/; each has add_parser(sub) and run(args).
-JOBS = ["encode", "decode", "demo"]
+# Every module under jobs/ that defines add_parser(sub) and run(args) is a subcommand; these
+# come first in --help, the rest alphabetically. Keep heavy imports inside run().
+FIRST = ["demo", "encode", "decode", "compress", "decompress", "verify", "audit", "compare", "train", "bench"]
+
+
+def job_names() -> list[str]:
+    import pkgutil
+    from pathlib import Path
+
+    names = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])]
+    jobs = [n for n in names if hasattr(importlib.import_module(f"jobs.{n}"), "add_parser")]
+    return sorted(jobs, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="<command>")
-    for name in JOBS:
+    for name in job_names():
         mod = importlib.import_module(f"jobs.{name}")
         sp = mod.add_parser(sub)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
