@@ -1,0 +1,82 @@
+"""Parquet schemas of the datasets the jobs write, in one place (users query these columns by name).
+
+Bitstream dataset (`fcodec compress`): one row per input image, ok or failed.
+Decoded dataset (`fcodec decompress --format parquet`): one row per decoded image.
+
+The `bitstream`/`png` blobs are `large_binary`, written without Parquet compression (they are
+already entropy coded / deflated) and without dictionary encoding (every value is unique);
+row groups are sized in bytes, not rows, so a group holds tens of MB of blobs.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+STATUS_SKIPPED = "skipped"  # decoded datasets: the bitstream row had failed at compression
+
+BITSTREAM_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),          # path relative to SRC (tar/parquet: shard/member)
+    pa.field("source_uri", pa.string(), nullable=False),   # fsspec URL of the source (tar://m::s3://b/x.tar)
+    pa.field("source_sha256", pa.string()),                # hex sha256 of the source bytes (null if unreadable)
+    pa.field("width", pa.int32()),                         # original pixels (null when the image did not decode)
+    pa.field("height", pa.int32()),
+    pa.field("bitstream", pa.large_binary()),              # the record `fcodec decode` reads (null when failed)
+    pa.field("bitstream_sha256", pa.string()),
+    pa.field("n_bytes", pa.int64()),                       # len(bitstream)
+    pa.field("bpp", pa.float64()),                         # n_bytes * 8 / (width * height)
+    pa.field("t", pa.int32()),                             # diffusion step the quantization matched
+    pa.field("codec_fingerprint", pa.string()),            # hex: backbone fingerprint (8 B) + codec fingerprint (8 B)
+    pa.field("codec_version", pa.string()),
+    pa.field("status", pa.string(), nullable=False),       # "ok" | "failed"
+    pa.field("error", pa.string()),                        # null when ok; one clear line when failed
+])
+
+DECODED_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("png", pa.large_binary()),
+    pa.field("png_sha256", pa.string()),
+    pa.field("status", pa.string(), nullable=False),       # "ok" | "failed" | "skipped"
+    pa.field("error", pa.string()),
+])
+
+BLOB_COLUMNS = {"bitstream", "png"}
+ROW_GROUP_BYTES = 32 << 20  # target bytes of blobs per row group
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    """A zero-row table of `schema`."""
+    return schema.empty_table()
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts with at least the schema's columns) -> a table with exactly `schema`'s columns."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def parquet_write_kwargs(table: pa.Table) -> dict:
+    """`pyarrow.parquet.write_table` options: blobs uncompressed and without dictionary or
+    statistics, small columns zstd; row groups sized so each holds ~ROW_GROUP_BYTES of data."""
+    names = table.column_names
+    small = [n for n in names if n not in BLOB_COLUMNS]
+    rows = max(1, table.num_rows)
+    row_bytes = max(1, table.nbytes // rows)
+    return {
+        "compression": {n: ("NONE" if n in BLOB_COLUMNS else "ZSTD") for n in names},
+        "use_dictionary": small,
+        "write_statistics": small,
+        "row_group_size": max(1, ROW_GROUP_BYTES // row_bytes),
+    }
+
+
+def check_schema(schema: pa.Schema, want: pa.Schema = BITSTREAM_SCHEMA) -> None:
+    """Raise ValueError naming the difference when `schema` lacks `want`'s columns/types."""
+    got = {f.name: f.type for f in schema}
+    missing = [f.name for f in want if f.name not in got]
+    wrong = [f"{f.name} is {got[f.name]}, expected {f.type}" for f in want if f.name in got and got[f.name] != f.type]
+    if missing or wrong:
+        raise ValueError("not a foundation-codec dataset: " + "; ".join(
+            ([f"missing columns {missing}"] if missing else []) + wrong))

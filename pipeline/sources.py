@@ -1,0 +1,256 @@
+"""List and shard inputs from fsspec URLs, and read a shard's source bytes.
+
+Inputs (local paths, s3://, gs://, globs; recognised by extension):
+* image files (.png .jpg .jpeg .webp .bmp .tif .tiff .gif .ppm .pgm .pnm): grouped `shard_size`
+  at a time, in sorted key order; key = path relative to SRC;
+* WebDataset-style tar shards (.tar, .tar.gz, .tgz): one shard per tar; each image member is
+  one input, key = `<tar path>/<member name>`;
+* Parquet files with an image-bytes column (binary, or a struct with a `bytes` field as in
+  Hugging Face datasets): one shard per file; key = `<file path>/<key column or row index>`.
+
+Shard ids are stable: the same listing gives the same ids, so a rerun finds its commits.
+Reading never decodes images: it returns the bytes (or why they could not be read), and the
+actors hash and decode them, so one bad file fails alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+from .storage import StorageOptions, full_url, get_fs
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+PARQUET_EXTS = (".parquet", ".pq")
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes", "data")
+KEY_COLUMNS = ("key", "__key__", "path", "filename", "file_name", "id")
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work and of output: a group of files, one tar or one Parquet file."""
+
+    id: str
+    kind: str  # "files" | "tar" | "parquet"
+    uris: tuple[str, ...]  # files: one URL per input; tar/parquet: the container's URL
+    keys: tuple[str, ...]  # files: one key per input; tar/parquet: the container's key prefix
+    size: int = 0  # source bytes, when the listing knows them
+
+    @property
+    def n_known(self) -> int | None:
+        """Number of inputs when known before reading (file shards)."""
+        return len(self.keys) if self.kind == "files" else None
+
+
+def kind_of(path: str) -> str | None:
+    p = path.lower()
+    if p.endswith(TAR_EXTS):
+        return "tar"
+    if p.endswith(PARQUET_EXTS):
+        return "parquet"
+    if posixpath.splitext(p)[1] in IMAGE_EXTS:
+        return "files"
+    return None
+
+
+def _hash8(*parts: str) -> str:
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=4).hexdigest()
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
+    return s[-48:] or "root"
+
+
+def list_inputs(src: str, opts: StorageOptions | None = None) -> tuple[list[tuple[str, str, str, int]], int]:
+    """All inputs under `src` as sorted (key, url, kind, size) plus the count of ignored files.
+
+    `src` is a directory/prefix (listed recursively), a glob, or a single file. Keys are
+    relative to the directory, the glob's fixed prefix, or the file's parent. Names starting
+    with '_' or '.' (job metadata, hidden files) and unknown extensions are ignored.
+    """
+    fs, path = get_fs(src, opts)
+    path = path.rstrip("/")
+    if any(c in GLOB_CHARS for c in path):
+        fixed = []
+        for comp in path.split("/"):
+            if any(c in GLOB_CHARS for c in comp):
+                break
+            fixed.append(comp)
+        root = "/".join(fixed)
+        found = fs.glob(path, detail=True)
+        files = {p: info for p, info in found.items() if info.get("type") != "directory"}
+    elif fs.isdir(path):
+        root = path
+        files = fs.find(path, detail=True)
+    elif fs.exists(path):
+        root = posixpath.dirname(path)
+        files = {path: fs.info(path)}
+    else:
+        raise FileNotFoundError(f"no input at '{src}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
+    out, ignored = [], 0
+    for p, info in files.items():
+        rel = posixpath.relpath(p, root) if root else p
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            ignored += 1
+            continue
+        kind = kind_of(rel)
+        if kind is None:
+            ignored += 1
+            continue
+        out.append((rel, full_url(fs, p), kind, int(info.get("size") or 0)))
+    out.sort()
+    return out, ignored
+
+
+def plan_shards(inputs: list[tuple[str, str, str, int]], shard_size: int = 256) -> list[Shard]:
+    """Group listed inputs into shards with stable ids (sorted order in, same ids out).
+
+    File shards: `f<index>-<hash of their keys>`; containers: `t-`/`p-` + path slug + hash.
+    """
+    shards: list[Shard] = []
+    files = [x for x in inputs if x[2] == "files"]
+    for i in range(0, len(files), max(1, shard_size)):
+        chunk = files[i : i + shard_size]
+        keys = tuple(k for k, _, _, _ in chunk)
+        shards.append(Shard(f"f{i // shard_size:05d}-{_hash8(*keys)}", "files", tuple(u for _, u, _, _ in chunk),
+                            keys, sum(s for *_, s in chunk)))
+    for key, url, kind, size in inputs:
+        if kind in ("tar", "parquet"):
+            shards.append(Shard(f"{kind[0]}-{_slug(key)}-{_hash8(key)}", kind, (url,), (key,), size))
+    return shards
+
+
+# ---------------------------------------------------------------- reading
+def _row(key: str, uri: str, data: bytes | None, error: str | None = None) -> dict:
+    return {"key": key, "source_uri": uri, "data": data, "read_error": error}
+
+
+def _read_one(fs, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_shard(shard: Shard, opts: StorageOptions | None = None, only_keys: set[str] | None = None,
+               image_column: str | None = None, chunk_rows: int = 32, chunk_bytes: int = 64 << 20,
+               threads: int = 8) -> Iterator[list[dict]]:
+    """Yield the shard's inputs in chunks of rows {key, source_uri, data, read_error}.
+
+    `data` is the source bytes (None when unreadable, with `read_error` saying why). A
+    container that breaks mid-way yields the members read so far plus one failure row keyed
+    by the container. `only_keys` restricts to those keys (used by --retry-failed).
+    """
+    rows: list[dict] = []
+    size = 0
+    for r in _iter_rows(shard, opts, only_keys, image_column, threads):
+        rows.append(r)
+        size += len(r["data"] or b"")
+        if len(rows) >= chunk_rows or size >= chunk_bytes:
+            yield rows
+            rows, size = [], 0
+    if rows:
+        yield rows
+
+
+def _iter_rows(shard: Shard, opts, only_keys, image_column, threads) -> Iterator[dict]:
+    if shard.kind == "files":
+        pairs = [(k, u) for k, u in zip(shard.keys, shard.uris) if only_keys is None or k in only_keys]
+        if not pairs:
+            return
+        fs, _ = get_fs(pairs[0][1], opts)
+
+        def fetch(pair):
+            key, url = pair
+            try:
+                return _row(key, url, _read_one(fs, get_fs(url, opts)[1]))
+            except Exception as e:  # missing, permission, network: this input fails alone
+                return _row(key, url, None, f"could not read source ({type(e).__name__}: {e})")
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # I/O bound: overlap object-store latency
+            yield from pool.map(fetch, pairs)
+    elif shard.kind == "tar":
+        yield from _iter_tar(shard.uris[0], shard.keys[0], opts, only_keys)
+    elif shard.kind == "parquet":
+        yield from _iter_parquet(shard.uris[0], shard.keys[0], opts, only_keys, image_column)
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def _iter_tar(url: str, prefix: str, opts, only_keys) -> Iterator[dict]:
+    import tarfile
+
+    fs, path = get_fs(url, opts)
+    n = 0
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:  # streaming: one pass
+            for m in tf:
+                if not m.isfile() or kind_of(m.name) != "files":
+                    continue  # WebDataset siblings (.json, .txt, .cls) travel with their images elsewhere
+                key = f"{prefix}/{m.name}"
+                if only_keys is not None and key not in only_keys:
+                    continue
+                member = tf.extractfile(m)
+                n += 1
+                yield _row(key, f"tar://{m.name}::{url}", member.read() if member else b"")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if only_keys is None or prefix in only_keys:
+            yield _row(prefix, url, None, f"tar shard unreadable after {n} members ({type(e).__name__}: {e})")
+
+
+def _pick_column(schema, wanted: str | None, names: tuple[str, ...], binary: bool):
+    import pyarrow as pa
+
+    def ok(t):
+        if binary:
+            return pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+                pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+    if wanted:
+        if wanted not in schema.names:
+            raise ValueError(f"column '{wanted}' not found; the file has {schema.names}")
+        return wanted
+    for n in names:
+        if n in schema.names and ok(schema.field(n).type):
+            return n
+    cands = [f.name for f in schema if ok(f.type)] if binary else []
+    return cands[0] if len(cands) == 1 else None
+
+
+def _iter_parquet(url: str, prefix: str, opts, only_keys, image_column) -> Iterator[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(url, opts)
+    try:
+        f = fs.open(path, "rb")
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        if only_keys is None or prefix in only_keys:
+            yield _row(prefix, url, None, f"not a readable Parquet file ({type(e).__name__}: {e})")
+        return
+    with f:
+        schema = pf.schema_arrow
+        img = _pick_column(schema, image_column, IMAGE_COLUMNS, binary=True)
+        if img is None:
+            raise ValueError(f"{url}: no image-bytes column found among {schema.names}; pass --image-column")
+        keycol = _pick_column(schema, None, KEY_COLUMNS, binary=False)
+        cols = [img] + ([keycol] if keycol else [])
+        i = 0
+        for batch in pf.iter_batches(batch_size=64, columns=cols):
+            arr = batch.column(0)
+            if pa.types.is_struct(arr.type):
+                arr = arr.field("bytes")
+            datas = arr.to_pylist()
+            names = batch.column(1).to_pylist() if keycol else [None] * len(datas)
+            for data, name in zip(datas, names):
+                key = f"{prefix}/{name}" if name is not None else f"{prefix}/{i:08d}"
+                if only_keys is None or key in only_keys:
+                    yield _row(key, f"{url}#row={i}", data,
+                               None if data is not None else f"row {i} has a null '{img}' value")
+                i += 1
