@@ -63,28 +63,37 @@ class _GaussianCoder(nn.Module):
         self.gc.double()
         self.gc.update_scale_table(scale_table(), force=True)
         self.gc.float()
+        lengths = self.gc._cdf_length.reshape(-1).int().tolist()
+        # Rows trimmed to their real length: the coder reads only cdf_length entries, and handing
+        # it only the rows an image uses keeps the per-call list conversion small.
         self._lists = (
-            self.gc._quantized_cdf.tolist(),
-            self.gc._cdf_length.reshape(-1).int().tolist(),
+            [row[:n] for row, n in zip(self.gc._quantized_cdf.tolist(), lengths)],
+            lengths,
             self.gc._offset.reshape(-1).int().tolist(),
         )
 
     def tables_digest(self) -> bytes:
         return _digest_ints(self.gc._quantized_cdf, self.gc._cdf_length, self.gc._offset)
 
+    def _subset(self, indexes: np.ndarray) -> tuple[list[int], list, list[int], list[int]]:
+        cdf, lengths, offsets = self._require()
+        used, local = np.unique(indexes, return_inverse=True)
+        if used.size and (used[0] < 0 or used[-1] >= len(cdf)):
+            raise ValueError(f"scale index outside the table of {len(cdf)}")
+        u = used.tolist()
+        return local.reshape(-1).tolist(), [cdf[i] for i in u], [lengths[i] for i in u], [offsets[i] for i in u]
+
     def encode(self, symbols: np.ndarray, indexes: np.ndarray) -> bytes:
         from compressai.ans import RansEncoder
 
-        cdf, lengths, offsets = self._require()
-        return RansEncoder().encode_with_indexes(
-            symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), cdf, lengths, offsets
-        )
+        idx, cdf, lengths, offsets = self._subset(indexes)
+        return RansEncoder().encode_with_indexes(symbols.reshape(-1).tolist(), idx, cdf, lengths, offsets)
 
     def decode(self, string: bytes, indexes: np.ndarray) -> np.ndarray:
         from compressai.ans import RansDecoder
 
-        cdf, lengths, offsets = self._require()
-        values = RansDecoder().decode_with_indexes(string, indexes.reshape(-1).tolist(), cdf, lengths, offsets)
+        idx, cdf, lengths, offsets = self._subset(indexes)
+        values = RansDecoder().decode_with_indexes(string, idx, cdf, lengths, offsets)
         return np.asarray(values, dtype=np.int32).reshape(indexes.shape)
 
     def bits(self, symbols: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
