@@ -65,8 +65,16 @@ def codec_fingerprint_hex(codec) -> str:
 
 
 def worker_id() -> str:
-    """host:pid:CUDA_VISIBLE_DEVICES of this process (which GPU an actor was given)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+    """host:ray-node:pid:CUDA_VISIBLE_DEVICES of this process (where an actor runs, which GPU it got)."""
+    node = "-"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()[:12]
+    except Exception:
+        pass
+    return f"{socket.gethostname()}:{node}:{os.getpid()}:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
 
 
 def rows_of(batch: Any) -> list[dict]:
@@ -220,6 +228,7 @@ class DecodeActor:
                 out[-1] = _failed(base, str(e))
                 continue
             base["_dest"] = dest
+            base["_source_bytes"] = len(data)
             todo.append((len(out) - 1, data, gray))
         try:
             decoded = self.codec.decode([d for _, d, _ in todo], steps=self.steps, errors="return")

@@ -195,8 +195,9 @@ def _iter_tar(url: str, prefix: str, opts, only_keys) -> Iterator[dict]:
                 if only_keys is not None and key not in only_keys:
                     continue
                 member = tf.extractfile(m)
+                data = member.read() if member else b""
                 n += 1
-                yield _row(key, f"tar://{m.name}::{url}", member.read() if member else b"")
+                yield _row(key, f"tar://{m.name}::{url}", data)
     except (tarfile.TarError, EOFError, OSError) as e:
         if only_keys is None or prefix in only_keys:
             yield _row(prefix, url, None, f"tar shard unreadable after {n} members ({type(e).__name__}: {e})")

@@ -1,0 +1,327 @@
+"""The compress/decompress pipeline on real components: Parquet, fsspec, moto's S3 server, local Ray.
+
+Fast tests: small images (32-64 px), the tiny backbone, 1 DDIM step. The big acceptance runs
+(>= 200 images, Kodak, kill -9, multi-node) are in test_pipeline_cluster.py (slow).
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.samples import sample_image, write_samples
+from pipeline import actors
+from pipeline import storage as st
+from pipeline.actors import DecodeActor, EncodeActor, output_key
+from pipeline.run import JobConfig, compress, decompress
+from pipeline.schema import BITSTREAM_SCHEMA, parquet_write_kwargs
+from pipeline.sources import list_inputs, plan_shards, read_shard
+
+SPEC = {"backbone": "tiny", "steps": 1, "threads": 1}
+SIZES = ((32, 32), (48, 40), (40, 56), (64, 48))
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """n sample PNG/JPEG images in folder (half in a subfolder); returns key -> (h, w)."""
+    keys = {}
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        sub = "a/" if i % 2 else ""
+        fmt = "JPEG" if i % 3 == 0 else "PNG"
+        key = f"{sub}img_{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        p = folder / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(sample_image(seed * 1000 + i, h, w)).save(buf, format=fmt)
+        p.write_bytes(buf.getvalue())
+        keys[key] = (h, w)
+    return keys
+
+
+def make_corrupt(folder: Path) -> dict[str, str]:
+    """Zero-byte, truncated and not-an-image inputs; returns key -> expected error fragment."""
+    good = io.BytesIO()
+    Image.fromarray(sample_image(99, 48, 48)).save(good, format="PNG")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(good.getvalue()[:150])
+    (folder / "notes.jpg").write_bytes(b"these are my holiday notes, not a picture\n")
+    return {"zero.png": "empty file (0 bytes)", "truncated.png": "truncated", "notes.jpg": "cannot identify image"}
+
+
+def png_of(seed: int, h: int = 32, w: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(sample_image(seed, h, w)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return EncodeActor(SPEC)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return DecodeActor(SPEC)
+
+
+# ---------------------------------------------------------------- sources and storage
+def test_sources_list_files_tar_parquet_with_stable_shards(tmp_path):
+    src = tmp_path / "src"
+    keys = make_images(src, 7)
+    (src / "README.txt").write_text("not an input")
+    (src / "_manifest.json").write_text("{}")
+    with tarfile.open(src / "shard-000.tar", "w") as tf:  # WebDataset style: image + json siblings
+        for i in range(3):
+            for name, data in ((f"{i:06d}.png", png_of(i)), (f"{i:06d}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["x", "y"], "image": [{"bytes": png_of(7), "path": "x"}, {"bytes": png_of(8), "path": "y"}]}),
+                   src / "table.parquet")
+
+    inputs, ignored = list_inputs(str(src))
+    assert ignored == 2
+    assert [k for k, _, kind, _ in inputs if kind == "files"] == sorted(keys)
+    shards = plan_shards(inputs, shard_size=3)
+    assert [s.kind for s in shards] == ["files", "files", "files", "tar", "parquet"]
+    assert [s.id for s in shards] == [s.id for s in plan_shards(list_inputs(str(src))[0], shard_size=3)]
+    rows = {s.kind: [r for chunk in read_shard(s, chunk_rows=2) for r in chunk] for s in shards}
+    assert [r["key"] for r in rows["tar"]] == [f"shard-000.tar/{i:06d}.png" for i in range(3)]
+    assert rows["tar"][1]["data"] == png_of(1)
+    assert rows["tar"][0]["source_uri"].startswith("tar://000000.png::")
+    assert [r["key"] for r in rows["parquet"]] == ["table.parquet/x", "table.parquet/y"]
+    assert rows["parquet"][1]["data"] == png_of(8)
+    # globs: keys relative to the fixed prefix
+    g, _ = list_inputs(str(src / "a" / "*.png"))
+    assert sorted(k for k, *_ in g) == sorted(Path(k).name for k in keys if k.startswith("a/") and k.endswith(".png"))
+
+
+def test_read_shard_reports_missing_files_and_broken_tars(tmp_path):
+    src = tmp_path / "src"
+    make_images(src, 2)
+    shards = plan_shards(list_inputs(str(src))[0], 10)
+    (src / shards[0].keys[0]).unlink()
+    rows = [r for c in read_shard(shards[0]) for r in c]
+    assert rows[0]["data"] is None and "could not read source" in rows[0]["read_error"]
+    assert rows[1]["data"] is not None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(2):
+            info = tarfile.TarInfo(f"{i}.png")
+            data = png_of(i)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    member2_data = 512 + -(-len(png_of(0)) // 512) * 512 + 512
+    (bad / "broken.tar").write_bytes(buf.getvalue()[: member2_data + 300])  # cut inside member 2's bytes
+    rows = [r for s in plan_shards(list_inputs(str(bad))[0]) for c in read_shard(s) for r in c]
+    assert rows[0]["key"] == "broken.tar/0.png" and rows[0]["data"] == png_of(0)
+    assert rows[-1]["key"] == "broken.tar" and "tar shard unreadable after 1 members" in rows[-1]["read_error"]
+
+
+@pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/etc/passwd", "C:/x.png", "a\\b.png", "", "a//b.png", "./x.png"])
+def test_unsafe_keys_are_refused(key):
+    with pytest.raises(ValueError, match="refus"):
+        output_key(key)
+
+
+def test_output_keys_are_one_to_one():
+    assert output_key("a/b.png") == "a/b.png"
+    assert output_key("a/b.jpg") == "a/b.jpg.png"
+    assert output_key("t.tar/0001") == "t.tar/0001.png"
+
+
+def test_parquet_options_keep_blobs_raw():
+    t = pa.Table.from_pylist([{"key": str(i), "source_uri": "u", "bitstream": bytes(1000), "status": "ok"} for i in range(10)],
+                             schema=BITSTREAM_SCHEMA)
+    kw = parquet_write_kwargs(t)
+    assert kw["compression"]["bitstream"] == "NONE" and kw["compression"]["key"] == "ZSTD"
+    assert "bitstream" not in kw["use_dictionary"]
+    assert kw["row_group_size"] > 10_000  # ~32 MB of ~1 kB rows per group
+
+
+# ---------------------------------------------------------------- actors without Ray
+def test_encode_actor_fails_bad_inputs_alone_and_loads_once(tmp_path, encoder):
+    src = tmp_path / "src"
+    good = make_images(src, 5)
+    bad = make_corrupt(src)
+    shard = plan_shards(list_inputs(str(src))[0], 100)[0]
+    rows = [r for c in read_shard(shard) for r in c]
+    loads = actors.CODEC_LOADS
+    out = encoder(rows[:4]).to_pylist() + encoder(rows[4:]).to_pylist()
+    assert actors.CODEC_LOADS == loads  # two batches, no reload
+    by_key = {r["key"]: r for r in out}
+    assert set(by_key) == set(good) | set(bad)
+    for k, frag in bad.items():
+        assert by_key[k]["status"] == "failed" and frag in by_key[k]["error"], by_key[k]["error"]
+        assert by_key[k]["bitstream"] is None
+    assert by_key["zero.png"]["source_sha256"] == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    for k, (h, w) in good.items():
+        r = by_key[k]
+        assert r["status"] == "ok" and r["error"] is None and (r["height"], r["width"]) == (h, w)
+        assert r["n_bytes"] == len(r["bitstream"]) > 40 and abs(r["bpp"] - r["n_bytes"] * 8 / (h * w)) < 1e-9
+        assert r["source_sha256"] == actors.sha256_hex((src / k).read_bytes())
+        assert len(r["codec_fingerprint"]) == 32 and r["t"] == 100
+
+
+def test_decode_actor_verifies_checksums_and_refuses_escaping_keys(tmp_path, encoder, decoder):
+    rows = encoder([{"key": "ok.png", "source_uri": "x", "data": png_of(1, 40, 56)},
+                    {"key": "tampered.png", "source_uri": "x", "data": png_of(2)},
+                    {"key": "../../escape.png", "source_uri": "x", "data": png_of(3)}]).to_pylist()
+    rows[1]["bitstream"] = rows[1]["bitstream"][:-1] + bytes([rows[1]["bitstream"][-1] ^ 1])
+    out_dir = tmp_path / "out"
+    writer = DecodeActor.__new__(DecodeActor)  # reuse the loaded codec, write under out_dir
+    writer.__dict__.update(decoder.__dict__, out_url=str(out_dir))
+    writer.fs, writer.root = st.get_fs(str(out_dir))
+    res = {r["key"]: r for r in writer(rows).to_pylist()}
+    assert res["ok.png"]["status"] == "ok" and (res["ok.png"]["width"], res["ok.png"]["height"]) == (56, 40)
+    assert Image.open(out_dir / "ok.png").size == (56, 40)
+    assert "bitstream_sha256 does not match" in res["tampered.png"]["error"]
+    assert "refusing key" in res["../../escape.png"]["error"]
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["ok.png"]
+
+
+# ---------------------------------------------------------------- whole job, inline (no Ray)
+def _read(dst) -> pa.Table:
+    return st.read_dataset(str(dst))
+
+
+def test_compress_resume_kill_states_and_retry_failed(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    good = make_images(src, 10)
+    bad = make_corrupt(src)
+    cfg = JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=4, max_shards=1)
+    r1 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    assert r1["run"]["shards"] == 1 and r1["totals"]["rows"] == 4 and not r1["manifest"]["complete"]
+
+    # Simulate a job killed mid-write: a temp file in _tmp/ and a part file whose marker never came.
+    compress(cfg, use_ray=False, progress=False, echo=lambda s: None)  # one more shard
+    markers = sorted((dst / "_commits").glob("*.json"))
+    assert len(markers) == 2
+    markers[-1].unlink()
+    (dst / "_tmp" / "part-x.parquet.1234.part").write_bytes(b"PAR1 half written")
+    assert len(_read(dst)) == 4  # the uncommitted shard does not count
+
+    cfg.max_shards = None
+    r3 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    t = _read(dst)
+    keys = t.column("key").to_pylist()
+    assert sorted(keys) == sorted(set(good) | set(bad)) and len(keys) == len(set(keys)) == 13
+    assert r3["manifest"]["complete"] and r3["run"]["shards"] == 3
+    assert r3["totals"]["ok"] == 10 and r3["totals"]["failed"] == 3
+    import pandas as pd
+
+    df = pd.read_parquet(dst)  # plain readers see only complete part files (not _tmp/, _commits/)
+    assert len(df) == 13 and list(df.columns) == BITSTREAM_SCHEMA.names
+
+    # A rerun has nothing to do.
+    r4 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    assert r4["run"]["rows"] == 0 and len(_read(dst)) == 13
+
+    # Fix one bad input, then --retry-failed redoes only the failed rows.
+    (src / "zero.png").write_bytes(png_of(5))
+    cfg.retry_failed = True
+    r5 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    assert r5["run"]["rows"] == 3 and r5["run"]["ok"] == 1
+    t = _read(dst)
+    rows = {r["key"]: r for r in t.to_pylist()}
+    assert len(t) == 13 and rows["zero.png"]["status"] == "ok" and rows["zero.png"]["width"] == 32
+    assert r5["totals"]["ok"] == 11 and r5["totals"]["failed"] == 2
+
+    # Other codec options on the same DST are refused (rows would mix codecs).
+    with pytest.raises(ValueError, match="other codec options"):
+        compress(JobConfig(src=str(src), dst=str(dst), codec={**SPEC, "t": 300}), use_ray=False, progress=False, echo=lambda s: None)
+
+
+def test_cli_config_file_flags_win_and_no_secrets(tmp_path, capsys, monkeypatch):
+    from jobs.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_images(src, 3)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SUPERSECRET-do-not-print")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-do-not-print")
+    cfgfile = tmp_path / "job.toml"
+    cfgfile.write_text(f'src = "{src}"\ndst = "{dst}"\nshard-size = 2\n[codec]\nt = 200\nbackbone = "tiny"\n')
+    assert main(["compress", "--config", str(cfgfile), "--no-ray", "--t", "150", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert '"shard_size": 2' in out and '"t": 150' in out and "compressed 3 images: 3 ok" in out
+    manifest = (dst / "_manifest.json").read_text()
+    assert json.loads(manifest)["config"]["shard_size"] == 2
+    for secret in ("SUPERSECRET", "AKIA-do-not"):
+        assert secret not in out and secret not in manifest
+        assert not any(secret in p.read_text() for p in (dst / "_commits").glob("*.json"))
+    assert set(pq.read_table(dst / next(iter(sorted(p.name for p in dst.glob("part-*")))) ).column("t").to_pylist()) == {150}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("srcc: x\n")
+    assert main(["compress", "--config", str(bad), "--no-ray"]) == 2
+    assert "unknown options ['srcc']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- S3 + Ray, end to end
+def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_local):
+    import pandas as pd
+    import s3fs
+
+    local = tmp_path / "src"
+    good = make_images(local, 16)
+    bad = make_corrupt(local)
+    with tarfile.open(local / "wds-000.tar", "w") as tf:
+        for i in range(3):
+            data = png_of(50 + i, 40, 40)
+            info = tarfile.TarInfo(f"{i:06d}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    expected = {**good, **{f"wds-000.tar/{i:06d}.png": (40, 40) for i in range(3)}}
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.put(str(local) + "/", f"{s3_bucket[5:]}/images/", recursive=True)
+    opts = s3_server["opts"]
+    src, dst = f"{s3_bucket}/images", f"{s3_bucket}/archive"
+    cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=5, rows_per_batch=4, storage=opts.public())
+    res = compress(cfg, opts, use_ray=True, progress=False, echo=lambda s: None)
+    assert res["totals"]["rows"] == len(expected) + len(bad) and res["totals"]["failed"] == len(bad)
+    assert res["manifest"]["complete"] and res["run"]["pool"]["size"] >= 1
+    assert all(w["codec_loads"] == 1 for w in res["run"]["workers"].values())  # once per actor, not per batch
+
+    df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
+    assert list(df.columns) == BITSTREAM_SCHEMA.names and len(df) == len(expected) + len(bad)
+    assert df["key"].is_unique and set(df.loc[df.status == "failed", "key"]) == set(bad)
+    assert df.loc[df.status == "ok", "error"].isna().all()
+    first = st.part_name(sorted(st.committed_shards(fs, dst[5:]))[0])
+    with fs.open(f"{dst[5:]}/{first}") as f:
+        pf = pq.ParquetFile(f)
+        assert pf.schema_arrow.field("bitstream").type == pa.large_binary()
+        col = pf.metadata.row_group(0).column(pf.schema_arrow.get_field_index("bitstream"))
+        assert col.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
+    manifest = json.loads(fs.cat(f"{dst[5:]}/_manifest.json"))
+    assert manifest["totals"]["ok"] == len(expected) and manifest["config"]["storage"]["endpoint_url"] == opts.endpoint_url
+    assert "testing" not in json.dumps(manifest)  # moto's credentials are not stored
+
+    out = f"{s3_bucket}/decoded"
+    dres = decompress(JobConfig(src=dst, dst=out, codec=SPEC, rows_per_batch=4), opts, use_ray=True, progress=False, echo=lambda s: None)
+    assert dres["run"]["ok"] == len(expected) and dres["run"]["skipped"] == len(bad) and dres["run"]["failed"] == 0
+    for key, (h, w) in expected.items():
+        img = Image.open(io.BytesIO(fs.cat(f"{out[5:]}/{output_key(key)}")))
+        assert img.size == (w, h)
+    again = decompress(JobConfig(src=dst, dst=out, codec=SPEC), opts, use_ray=True, progress=False, echo=lambda s: None)
+    assert again["run"]["rows"] == 0  # resumed: every shard already decoded
+
+
+def test_decompress_to_parquet_inline(tmp_path):
+    src, dst, out = tmp_path / "src", tmp_path / "dst", tmp_path / "dec"
+    good = make_images(src, 4)
+    compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC), use_ray=False, progress=False, echo=lambda s: None)
+    decompress(JobConfig(src=str(dst), dst=str(out), codec=SPEC, format="parquet"), use_ray=False, progress=False, echo=lambda s: None)
+    t = pq.read_table(next(out.glob("part-*.parquet")))
+    assert sorted(t.column("key").to_pylist()) == sorted(good)
+    for r in t.to_pylist():
+        px = np.asarray(Image.open(io.BytesIO(r["png"])))
+        assert px.shape[:2] == good[r["key"]] and r["status"] == "ok"
