@@ -24,6 +24,17 @@ PILLOW_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 DEFAULT_QUALITIES = {"jpeg": [10, 25, 50, 75, 90], "webp": [10, 25, 50, 75, 90], "avif": [10, 25, 50, 70, 85]}
 
 
+class Family:
+    """Stands where `DiffusionCodec.backbone` stands, so pipeline code that records
+    `codec.backbone.fingerprint()` + `codec.fingerprint()` runs baselines unchanged."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fingerprint(self) -> bytes:
+        return hashlib.blake2b(f"baseline|{self.name}".encode(), digest_size=8).digest()
+
+
 def _pixels(im) -> np.ndarray:
     px = im.pixels if isinstance(im, LoadedImage) else np.asarray(im)
     if px.ndim != 3 or px.shape[2] != 3 or px.dtype != np.uint8 or min(px.shape[:2]) < 1:
@@ -57,7 +68,8 @@ class PillowCodec:
             raise CodecError(f"this Pillow build has no {fmt.upper()} support (pip install 'pillow>=11.3' with {fmt})")
         self.fmt, self.quality = fmt, int(quality)
         self.config = config or CodecConfig()
-        self.name = f"{fmt}"
+        self.name = fmt
+        self.backbone = Family(f"pillow-{fmt}")
 
     @property
     def setting(self) -> str:
@@ -163,6 +175,7 @@ class CompressAICodec:
         self.arch, self.quality, self.metric = arch, int(quality), metric
         self.config = config or CodecConfig()
         self.name = f"compressai-{arch}"
+        self.backbone = Family(f"compressai-{arch}-{metric}")
         h = hashlib.blake2b(f"compressai|{arch}|{metric}|{quality}".encode(), digest_size=8)
         for k, v in sorted(self.net.state_dict().items()):
             h.update(k.encode() + v.detach().cpu().numpy().tobytes())

@@ -255,8 +255,8 @@ class FeatureStats:
         """Add (N, d) features of one image (`key` seeds the KID sample's priorities)."""
         f = np.asarray(feats, np.float64).reshape(-1, self.dim)
         self.n += len(f)
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
+        self.sum = self.sum + f.sum(0)
+        self.outer = self.outer + f.T @ f
         self._keep(np.concatenate([self.prio, _sample_keys(key, len(f))]), np.concatenate([self.sample, f]))
         return self
 
@@ -265,8 +265,8 @@ class FeatureStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge features of dimension {other.dim} into {self.dim}")
         self.n += other.n
-        self.sum += other.sum
-        self.outer += other.outer
+        self.sum = self.sum + other.sum  # new arrays: statistics from Ray arrive read-only
+        self.outer = self.outer + other.outer
         self._keep(np.concatenate([self.prio, other.prio]), np.concatenate([self.sample, other.sample]))
         return self
 

@@ -116,11 +116,21 @@ def _plots(df, groups: dict, metrics: list[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------- page
 def render_report(df, summary: dict, out_path: str | Path, worst: list[dict] | None = None,
                   anchor: str | None = None, title: str = "foundation-codec quality report") -> Path:
-    """Write report.html from per-image rows (pandas DataFrame with key, codec, setting, bpp,
+    """Write `render_html(...)` to a local path (temp file + rename); returns the path."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.part")
+    tmp.write_text(render_html(df, summary, worst, anchor, title), encoding="utf-8")
+    os.replace(tmp, out_path)  # readers never see half a report
+    return out_path
+
+
+def render_html(df, summary: dict, worst: list[dict] | None = None, anchor: str | None = None,
+                title: str = "foundation-codec quality report") -> str:
+    """The report page from per-image rows (pandas DataFrame with key, codec, setting, bpp,
     status, error and metric columns) and the summary dict (`summary["groups"]` per setting).
 
     `worst`: dicts with key, codec, setting, bpp, psnr, orig, dec (uint8 arrays) for thumbnails.
-    Returns the written path (written via a temp file and rename).
     """
     df = df.copy()
     for col, default in (("codec", "codec"), ("setting", ""), ("status", "ok"), ("error", "")):
@@ -201,12 +211,7 @@ def render_report(df, summary: dict, out_path: str | Path, worst: list[dict] | N
         "<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
         "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0){ok++}else{console.error('image failed: '+im[i].alt)}}"
         "document.body.setAttribute('data-images-ok',ok+'/'+im.length);});</script></body></html>")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.part")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out_path)  # readers never see half a report
-    return out_path
+    return "\n".join(parts)
 
 
 def summarize(df, dataset_stats: dict | None = None) -> list[dict]:
