@@ -35,6 +35,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+CODEC_DEFAULTS = {"backbone": "tiny", "entropy": "static", "precision": "float32", "batch_size": 8}
+
+
+def normalize_codec(spec: dict) -> dict:
+    """The spec with defaults filled in, so {} and {"entropy": "static"} compare equal."""
+    return {**{k: None for k in CODEC_KEYS}, **CODEC_DEFAULTS, **{k: v for k, v in spec.items() if v is not None}}
+
+
 def load_codec_from_spec(spec: dict):
     """Build the codec a job's codec options describe (a plain dict, picklable to any node).
 
@@ -44,6 +52,7 @@ def load_codec_from_spec(spec: dict):
     global CODEC_LOADS
     import torch
 
+    spec = normalize_codec(spec)
     from codec import CodecConfig, load_codec
 
     if spec.get("threads"):
@@ -262,5 +271,5 @@ class DecodeActor:
         return out
 
 
-__all__ = ["EncodeActor", "DecodeActor", "CODEC_LOADS", "load_codec_from_spec", "codec_fingerprint_hex",
+__all__ = ["EncodeActor", "DecodeActor", "CODEC_LOADS", "load_codec_from_spec", "normalize_codec", "codec_fingerprint_hex",
            "output_key", "rows_of", "sha256_hex", "worker_id"]

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage as st
-from .actors import DecodeActor, EncodeActor
+from .actors import DecodeActor, EncodeActor, normalize_codec
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED,
                      parquet_write_kwargs)
 from .sources import Shard, list_inputs, plan_shards, read_shard
@@ -225,6 +225,7 @@ def _check_compatible(committed: dict[str, dict], manifest: dict | None, codec: 
         prev = next(iter(committed.values())).get("codec")
     if not prev:
         return
+    prev, codec = normalize_codec(prev), normalize_codec(codec)
     diff = {k: (prev.get(k), codec.get(k)) for k in COMPAT_KEYS if prev.get(k) != codec.get(k)}
     if diff:
         desc = ", ".join(f"{k}: dataset {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -407,7 +408,8 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     src_manifest = st.read_manifest(sfs, sroot)
     if src_manifest:
         prev = src_manifest.get("config", {}).get("codec", {})
-        diff = [k for k in ("backbone", "vae", "entropy", "codec_weights") if prev.get(k) != cfg.codec.get(k)]
+        prev, now = normalize_codec(prev), normalize_codec(cfg.codec)
+        diff = [k for k in ("backbone", "vae", "entropy", "codec_weights") if prev.get(k) != now.get(k)]
         if diff:
             echo("warning: the dataset was compressed with " + ", ".join(f"--{k.replace('_', '-')} {prev.get(k)}" for k in diff)
                  + "; decoding needs the same options")
