@@ -67,6 +67,9 @@ class JobConfig:
 # ---------------------------------------------------------------- Ray plumbing
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join `address` ('auto' = the running cluster) or start a local Ray; True if we started it."""
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline by default; users may opt in
     import ray
 
     if ray.is_initialized():
@@ -242,6 +245,7 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     if not inputs:
         raise ValueError(f"no images, tar shards or Parquet files under {cfg.src} ({ignored} other files ignored)")
     shards = plan_shards(inputs, cfg.shard_size)
+    st.clean_tmp(fs, root)  # leftovers of a killed run are never part of the dataset
     committed = st.committed_shards(fs, root)
     manifest = st.read_manifest(fs, root)
     _check_compatible(committed, manifest, cfg.codec, cfg.dst)
@@ -313,6 +317,7 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
                 "codec_fingerprint": next((s.get("codec_fingerprint") for s in committed.values() if s.get("codec_fingerprint")), None),
                 "last_run": run_stats, "updated_at": _now()}
     st.write_json_atomic(fs, st.join(root, st.MANIFEST), manifest)
+    st.clean_tmp(fs, root)
     _print_summary("compressed", run_stats, tot, failures, cfg.dst, echo)
     run_stats["total_seconds"] = time.perf_counter() - t0
     return {"run": run_stats, "totals": tot, "manifest": manifest}
@@ -352,13 +357,13 @@ def _commit_compressed(fs, root: str, sid: str, rows: pa.Table | None, item: dic
 
 def _print_summary(verb: str, run: dict, tot: dict, failures: list, dst: str, echo) -> None:
     mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
-    ratio = f"{run['ratio']:.1f}:1" if run.get("ratio") else "-"
-    bpp = f"{run['mean_bpp']:.4f}" if run.get("mean_bpp") is not None else "-"
+    ratio = f", ratio {run['ratio']:.1f}:1" if run.get("ratio") else ""
+    bpp = f", mean bpp {run['mean_bpp']:.4f}" if run.get("mean_bpp") is not None else ""
     ips = f"{run['images_per_s']:.1f}" if run.get("images_per_s") else "-"
     echo(f"{verb} {run['rows']} images: {run['ok']} ok, {run['failed']} failed"
          + (f", {run['skipped']} skipped" if run.get("skipped") else "")
-         + f"; input {mb(run['input_bytes'])}, output {mb(run['output_bytes'])}, ratio {ratio}, "
-         f"mean bpp {bpp}, {ips} images/s ({run['seconds']:.1f} s) -> {dst}")
+         + f"; input {mb(run['input_bytes'])}, output {mb(run['output_bytes'])}{ratio}{bpp}, "
+         f"{ips} images/s ({run['seconds']:.1f} s) -> {dst}")
     echo(f"dataset: {tot['shards']} shards, {tot['rows']} rows ({tot['ok']} ok, {tot['failed']} failed"
          + (f", {tot['skipped']} skipped)" if tot.get("skipped") else ")"))
     for k, e in failures[:5]:
@@ -461,6 +466,7 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
                 "complete": all(sid in done for sid in src_shards), "totals": tot, "config": cfg.public(),
                 "last_run": run_stats, "updated_at": _now()}
     st.write_json_atomic(dfs, st.join(droot, st.MANIFEST), manifest)
+    st.clean_tmp(dfs, droot)
     _print_summary("decompressed", run_stats, tot, failures, cfg.dst, echo)
     return {"run": run_stats, "totals": tot, "manifest": manifest}
 

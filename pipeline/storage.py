@@ -167,6 +167,15 @@ def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, **write_kwar
     return final
 
 
+def clean_tmp(fs, root: str) -> None:
+    """Remove root/_tmp/ (temp files of a run that died before renaming them). Local only:
+    object stores never hold temp objects (see write_parquet_atomic)."""
+    import shutil
+
+    if is_local(fs):
+        shutil.rmtree(join(root, TMP), ignore_errors=True)
+
+
 def arrow_fs(fs):
     """A pyarrow filesystem over an fsspec one (for ray.data.read_parquet(filesystem=...) etc.)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -207,6 +207,7 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     markers = sorted((dst / "_commits").glob("*.json"))
     assert len(markers) == 2
     markers[-1].unlink()
+    (dst / "_tmp").mkdir(exist_ok=True)
     (dst / "_tmp" / "part-x.parquet.1234.part").write_bytes(b"PAR1 half written")
     assert len(_read(dst)) == 4  # the uncommitted shard does not count
 
@@ -216,6 +217,7 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     keys = t.column("key").to_pylist()
     assert sorted(keys) == sorted(set(good) | set(bad)) and len(keys) == len(set(keys)) == 13
     assert r3["manifest"]["complete"] and r3["run"]["shards"] == 3
+    assert not (dst / "_tmp").exists()
     assert r3["totals"]["ok"] == 10 and r3["totals"]["failed"] == 3
     import pandas as pd
 
