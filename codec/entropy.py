@@ -161,23 +161,26 @@ class HyperpriorEntropyModel(nn.Module):
     model_id = 1
     name = "hyperprior"
 
-    def __init__(self, channels: int = 4, hidden: int = 64) -> None:
+    def __init__(self, channels: int = 4, hidden: int = 64, z_channels: int | None = None) -> None:
         super().__init__()
         from compressai.entropy_models import EntropyBottleneck
 
-        self.channels, self.hidden = channels, hidden
+        # z_channels: width of the side latent. A 4-channel ŷ needs far fewer than `hidden`
+        # (every z channel costs bits until training switches it off); None keeps z = hidden.
+        zc = z_channels or hidden
+        self.channels, self.hidden, self.z_channels = channels, hidden, zc
         act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
         self.h_a = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), act(),
+            _WithMagnitude(), nn.Conv2d(2 * channels, hidden, 3, padding=1), act(),
             nn.Conv2d(hidden, hidden, 5, stride=2, padding=2), act(),
-            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2),
+            nn.Conv2d(hidden, zc, 5, stride=2, padding=2),
         )
         self.h_s = nn.Sequential(
-            nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1), act(),
+            nn.ConvTranspose2d(zc, hidden, 5, stride=2, padding=2, output_padding=1), act(),
             nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1), act(),
             nn.Conv2d(hidden, 2 * channels, 3, padding=1),
         )
-        self.entropy_bottleneck = EntropyBottleneck(hidden)
+        self.entropy_bottleneck = EntropyBottleneck(zc)
         self.coder = _GaussianCoder()
         self._h_s64: nn.Module | None = None
 
@@ -233,18 +236,34 @@ class HyperpriorEntropyModel(nn.Module):
         y_bits = self.coder.bits(torch.from_numpy(y_hat - means).double(), scales).sum()
         return float(y_bits - torch.log2(z_lik.double()).sum())
 
-    def likelihood_bits(self, y: torch.Tensor) -> torch.Tensor:
-        """Differentiable bits per image of a noisy (training) or rounded (eval) batch."""
+    def likelihood_bits(self, y: torch.Tensor, z_weight: float = 1.0) -> torch.Tensor:
+        """Differentiable bits per image of a noisy (training) or rounded (eval) batch.
+
+        `z_weight` < 1 discounts the side information's bits (a training warm-up: a side latent
+        that costs full price from step 0 is switched off before h_s learns to use it).
+        """
         z = self.h_a(y)
         z_tilde, z_lik = self.entropy_bottleneck(z)
         out = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]
         means, log_scales = out.chunk(2, dim=1)
+        # The coder subtracts round(μ) (integers only reach the range coder), so training does
+        # too, with a straight-through gradient: the rate trained is the rate coded.
+        means = means + (torch.round(means) - means).detach()
         y_bits = self.coder.bits(y - means, log_scales.exp())
         z_bits = -torch.log2(z_lik.clamp_min(LIKELIHOOD_BOUND))
-        return y_bits.sum(dim=(1, 2, 3)) + z_bits.sum(dim=(1, 2, 3))
+        return y_bits.sum(dim=(1, 2, 3)) + z_weight * z_bits.sum(dim=(1, 2, 3))
 
     def _device(self) -> torch.device:
         return next(self.h_a.parameters()).device
+
+
+class _WithMagnitude(nn.Module):
+    """ŷ -> [ŷ, |ŷ|]: the local energy that sets σ is then one linear map away for h_a, which
+    makes the hyperprior learn in hundreds of steps instead of collapsing its side latent.
+    (h_a runs only in the encoder; the decoder needs ẑ alone.)"""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([y, y.abs()], dim=1)
 
 
 ENTROPY_MODELS = {"static": StaticEntropyModel, "hyperprior": HyperpriorEntropyModel}

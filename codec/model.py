@@ -298,7 +298,8 @@ class DiffusionCodec:
         ent = {k: v.detach().cpu().contiguous() for k, v in self.entropy.state_dict().items() if v.is_floating_point()}
         save_file(ent, str(out / "entropy.safetensors"))
         cfg = {"format": 1, "entropy": self.entropy.name, "channels": self.backbone.latent_channels,
-               "hidden": getattr(self.entropy, "hidden", None), "backbone_fingerprint": self.backbone.fingerprint().hex(),
+               "hidden": getattr(self.entropy, "hidden", None), "z_channels": getattr(self.entropy, "z_channels", None),
+               "backbone_fingerprint": self.backbone.fingerprint().hex(),
                "codec_fingerprint": self.fingerprint().hex(), "lam": self.config.lam}
         if self.estimator is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.estimator.state_dict().items()},
@@ -323,6 +324,8 @@ class DiffusionCodec:
             )
         name = cfg["entropy"]
         kwargs = {"hidden": cfg["hidden"]} if name == "hyperprior" and cfg.get("hidden") else {}
+        if name == "hyperprior" and cfg.get("z_channels"):
+            kwargs["z_channels"] = cfg["z_channels"]
         ent = ENTROPY_MODELS[name](cfg.get("channels", backbone.latent_channels), **kwargs)
         missing = ent.load_state_dict(load_file(str(d / "entropy.safetensors")), strict=False)
         if [k for k in missing.missing_keys if "quantized_cdf" not in k and "offset" not in k and "cdf_length" not in k]:
