@@ -15,7 +15,7 @@ JOB_DESTS = ("config", "ray_address", "no_ray", "shard_size", "rows_per_batch", 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `compress` and `decompress`."""
-    p.add_argument("--config", metavar="FILE", help="TOML or YAML file with any of these options (src, dst, t, "
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file (path or URL, e.g. s3://bucket/job.yaml) with any of these options (src, dst, t, "
                    "backbone, shard_size, ...; dashes or underscores); flags given on the command line win")
     g = p.add_argument_group("cluster")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -37,9 +37,16 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--anon", action="store_true", help="anonymous access (public buckets)")
 
 
-def load_config_file(path: str) -> dict:
-    """A TOML or YAML file as a flat dict with option names (dashes -> underscores)."""
-    text = Path(path).read_text()
+def load_config_file(path: str, opts=None) -> dict:
+    """A TOML or YAML file (local path or URL such as s3://bucket/job.yaml) as a flat dict of
+    option names (dashes -> underscores; [sections] are flattened)."""
+    if "://" in path:
+        from pipeline.storage import get_fs, read_bytes
+
+        fs, p = get_fs(path, opts)
+        text = read_bytes(fs, p).decode()
+    else:
+        text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -63,7 +70,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill options not given on the command line from --config (flags win over the file)."""
     parser = args._parser
     if getattr(args, "config", None):
-        values = load_config_file(args.config)
+        from pipeline.storage import StorageOptions
+
+        values = load_config_file(args.config, StorageOptions.from_env(args.s3_endpoint, args.s3_region, args.anon))
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

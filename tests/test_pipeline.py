@@ -327,3 +327,32 @@ def test_decompress_to_parquet_inline(tmp_path):
     for r in t.to_pylist():
         px = np.asarray(Image.open(io.BytesIO(r["png"])))
         assert px.shape[:2] == good[r["key"]] and r["status"] == "ok"
+
+
+def test_config_file_from_s3(s3_server, s3_bucket):
+    import s3fs
+
+    from jobs.compress import load_config_file
+
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.pipe(f"{s3_bucket[5:]}/jobs/nightly.yaml", b"src: s3://in/x\ndst: s3://out/y\nshard-size: 64\ncodec:\n  t: 120\n")
+    assert load_config_file(f"{s3_bucket}/jobs/nightly.yaml", s3_server["opts"]) == \
+        {"src": "s3://in/x", "dst": "s3://out/y", "shard_size": 64, "t": 120}
+
+
+def test_decompress_with_wrong_codec_fails_rows_then_retry_failed_fixes_them(tmp_path):
+    src, dst, out = tmp_path / "src", tmp_path / "dst", tmp_path / "dec"
+    good = make_images(src, 5)
+    compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3), use_ray=False, progress=False, echo=lambda s: None)
+    lines: list[str] = []
+    wrong = {**SPEC, "entropy": "hyperprior"}
+    r1 = decompress(JobConfig(src=str(dst), dst=str(out), codec=wrong), use_ray=False, progress=False, echo=lines.append)
+    assert r1["run"]["failed"] == 5 and r1["run"]["ok"] == 0 and not list(out.rglob("*.png"))
+    assert any("decoding needs the same options" in s for s in lines)  # the manifest's options are shown
+    assert "pass --entropy static" in r1["run"]["failures"][0]["error"]
+    again = decompress(JobConfig(src=str(dst), dst=str(out), codec=SPEC), use_ray=False, progress=False, echo=lambda s: None)
+    assert again["run"]["rows"] == 0  # committed (with failures): a plain rerun does not redo them
+    r2 = decompress(JobConfig(src=str(dst), dst=str(out), codec=SPEC, retry_failed=True), use_ray=False, progress=False,
+                    echo=lambda s: None)
+    assert r2["run"]["ok"] == 5 and r2["totals"]["ok"] == 5 and r2["totals"]["failed"] == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(output_key(k) for k in good)
