@@ -118,7 +118,7 @@ def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs
     import ray
 
     _quiet_ray_data()
-    plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))))
+    plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))) if est_rows else 1 << 30)
     info["pool"] = plan
     spec = dict(actor_kwargs["spec"])
     spec.setdefault("threads", max(1, int(round(plan["num_cpus"]))))
@@ -242,6 +242,8 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     t0 = time.perf_counter()
     fs, root = st.get_fs(cfg.dst, opts)
     inputs, ignored = list_inputs(cfg.src, opts)
+    inside = st.full_url(fs, root).rstrip("/") + "/"
+    inputs = [x for x in inputs if not x[1].startswith(inside)]  # DST inside SRC: never read our own output
     if not inputs:
         raise ValueError(f"no images, tar shards or Parquet files under {cfg.src} ({ignored} other files ignored)")
     shards = plan_shards(inputs, cfg.shard_size)
@@ -277,7 +279,8 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     echo(f"{len(inputs)} inputs in {len(shards)} shards ({ignored} other files ignored); "
          f"{len(committed)} shards already committed, {len(work)} to do")
 
-    est = sum(len(w["only_keys"]) if w.get("only_keys") is not None else (len(w["keys"]) if w["kind"] == "files" else 0) for w in work)
+    known = all(w["kind"] == "files" or w.get("only_keys") is not None for w in work)
+    est = sum(len(w["only_keys"]) if w.get("only_keys") is not None else len(w["keys"]) for w in work) if known else 0
     info: dict = {}
     run = {"rows": 0, "ok": 0, "failed": 0, "input_bytes": 0, "output_bytes": 0, "bpp_sum": 0.0, "shards": 0}
     failures: list[tuple[str, str]] = []

@@ -282,7 +282,9 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
             info = tarfile.TarInfo(f"{i:06d}.png")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    expected = {**good, **{f"wds-000.tar/{i:06d}.png": (40, 40) for i in range(3)}}
+    pq.write_table(pa.table({"image": [png_of(60, 32, 48), png_of(61, 48, 32)]}), local / "table.parquet")
+    expected = {**good, **{f"wds-000.tar/{i:06d}.png": (40, 40) for i in range(3)},
+                "table.parquet/00000000": (32, 48), "table.parquet/00000001": (48, 32)}
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     fs.put(str(local) + "/", f"{s3_bucket[5:]}/images/", recursive=True)
     opts = s3_server["opts"]
@@ -356,3 +358,16 @@ def test_decompress_with_wrong_codec_fails_rows_then_retry_failed_fixes_them(tmp
                     echo=lambda s: None)
     assert r2["run"]["ok"] == 5 and r2["totals"]["ok"] == 5 and r2["totals"]["failed"] == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(output_key(k) for k in good)
+
+
+def test_rerun_after_the_listing_changed_writes_each_key_once(tmp_path):
+    src = tmp_path / "src"
+    dst = src / "archive"  # DST inside SRC: the job must not read its own output
+    keys = make_images(src, 6)
+    cfg = JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3)
+    compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    (src / "aaa_first.png").write_bytes(png_of(77))  # sorts first: every file shard's id changes
+    res = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    got = st.read_dataset(str(dst), columns=["key"]).column("key").to_pylist()
+    assert sorted(got) == sorted([*keys, "aaa_first.png"]) and len(got) == len(set(got))
+    assert res["run"]["rows"] == 1 and res["totals"]["rows"] == 7
