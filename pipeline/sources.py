@@ -237,9 +237,14 @@ def _iter_parquet(url: str, prefix: str, opts, only_keys, image_column) -> Itera
         return
     with f:
         schema = pf.schema_arrow
-        img = _pick_column(schema, image_column, IMAGE_COLUMNS, binary=True)
-        if img is None:
-            raise ValueError(f"{url}: no image-bytes column found among {schema.names}; pass --image-column")
+        try:
+            img = _pick_column(schema, image_column, IMAGE_COLUMNS, binary=True)
+            if img is None:
+                raise ValueError(f"no image-bytes column found among {schema.names}; pass --image-column")
+        except ValueError as e:  # this file fails alone, as one row keyed by the file
+            if only_keys is None or prefix in only_keys:
+                yield _row(prefix, url, None, str(e))
+            return
         keycol = _pick_column(schema, None, KEY_COLUMNS, binary=False)
         cols = [img] + ([keycol] if keycol else [])
         i = 0

@@ -93,6 +93,8 @@ def test_sources_list_files_tar_parquet_with_stable_shards(tmp_path):
     assert [s.kind for s in shards] == ["files", "files", "files", "tar", "parquet"]
     assert [s.id for s in shards] == [s.id for s in plan_shards(list_inputs(str(src))[0], shard_size=3)]
     rows = {s.kind: [r for chunk in read_shard(s, chunk_rows=2) for r in chunk] for s in shards}
+    nope = [r for c in read_shard(shards[-1], image_column="missing") for r in c]
+    assert [r["key"] for r in nope] == ["table.parquet"] and "column 'missing' not found" in nope[0]["read_error"]
     assert [r["key"] for r in rows["tar"]] == [f"shard-000.tar/{i:06d}.png" for i in range(3)]
     assert rows["tar"][1]["data"] == png_of(1)
     assert rows["tar"][0]["source_uri"].startswith("tar://000000.png::")
