@@ -48,7 +48,7 @@ def psnr(orig: np.ndarray, dec: np.ndarray) -> float:
 
 
 def _t(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].double()
+    return torch.tensor(np.asarray(img)).permute(2, 0, 1)[None].double()  # a copy: inputs may be read-only
 
 
 def ssim(orig: np.ndarray, dec: np.ndarray) -> float:

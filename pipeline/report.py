@@ -139,8 +139,8 @@ def render_html(df, summary: dict, worst: list[dict] | None = None, anchor: str 
     df["setting"] = df["setting"].fillna("").astype(str)
     metrics = [m for m, _ in QUALITY if m in df and df.loc[df["status"] == "ok", m].notna().any()]
     groups: dict[str, list[dict]] = {}
-    for g in summary.get("groups", []):
-        groups.setdefault(g["codec"], []).append(g)
+    for g in summary.get("groups", []):  # None (from JSON) reads as NaN
+        groups.setdefault(g["codec"], []).append({k: (np.nan if v is None else v) for k, v in g.items()})
     plots = _plots(df, groups, metrics)
 
     css = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}"
