@@ -40,14 +40,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else $FCODEC_S3_ENDPOINT)")
     add_metric_args(p)
     add_codec_args(p, encode=False, decode=True)
+    p.set_defaults(_audit_parser=p)
     return p
+
+
+# Options that must match the encoder: taken from the dataset's manifest unless given as flags.
+DECODER_KEYS = ("backbone", "vae", "entropy", "codec_weights", "baseline", "quality")
+
+
+def spec_with_manifest(args: argparse.Namespace, spec: dict) -> tuple[dict, str]:
+    """Fill the decoder options the user left at their defaults from BITSTREAMS/_manifest.json
+    (what `fcodec compress` used); returns (spec, setting label such as 't=100')."""
+    from pipeline.storage import StorageOptions, get_fs, read_manifest
+
+    fs, root = get_fs(args.bitstreams, StorageOptions.from_env(args.endpoint_url))
+    prev = ((read_manifest(fs, root) or {}).get("config") or {}).get("codec") or {}
+    parser = args._audit_parser
+    for k in DECODER_KEYS:
+        given = getattr(args, k, None)
+        if k in prev and prev[k] is not None and (given is None or given == parser.get_default(k)):
+            spec[k] = prev[k]
+    if spec.get("baseline"):
+        spec = {k: spec[k] for k in ("baseline", "quality") if k in spec}
+        return spec, f"q{spec.get('quality')}"
+    if prev.get("t") is not None:
+        return spec, f"t={prev['t']}"
+    if prev.get("target_bpp") is not None:
+        return spec, f"target {prev['target_bpp']} bpp"
+    return spec, ""
 
 
 def codec_spec_from_args(args: argparse.Namespace) -> dict:
     """The pipeline codec spec (plain dict) the options describe."""
     if getattr(args, "baseline", None):
         return {"baseline": args.baseline, "quality": args.quality}
-    return {"backbone": args.backbone, "vae": args.vae, "entropy": args.entropy, "codec_weights": args.codec_weights,
+    return {"baseline": None, "quality": args.quality, "backbone": args.backbone, "vae": args.vae, "entropy": args.entropy, "codec_weights": args.codec_weights,
             "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
             "steps": args.steps, "threads": 1}
 
@@ -56,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.audit import AuditConfig, run_audit
     from pipeline.storage import StorageOptions
 
-    cfg = AuditConfig(codec=codec_spec_from_args(args), fid=args.fid, patch=args.patch,
+    spec, setting = spec_with_manifest(args, codec_spec_from_args(args))
+    cfg = AuditConfig(codec=spec, fid=args.fid, patch=args.patch, setting=setting,
                       weights={"lpips": args.lpips_weights, "dists": args.dists_weights}, label=args.label)
     s = run_audit(args.originals, args.bitstreams, args.out, cfg, StorageOptions.from_env(args.endpoint_url),
                   workers=args.workers, n_worst=args.worst, cpus_per_worker=args.cpus_per_worker,
