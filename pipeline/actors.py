@@ -53,6 +53,11 @@ def load_codec_from_spec(spec: dict):
     import torch
 
     spec = normalize_codec(spec)
+    if spec.get("baseline"):  # JPEG/WebP/AVIF/CompressAI behind the same API (codec/baselines.py)
+        from codec.baselines import make_baseline
+
+        CODEC_LOADS += 1
+        return make_baseline(spec["baseline"], int(spec.get("quality") or 75))
     from codec import CodecConfig, load_codec
 
     if spec.get("threads"):

@@ -56,3 +56,30 @@ def test_compressai_only_from_local_weights(tmp_path, sample_images):
     assert all(e.bpp > 0 for e in enc) and len(c.fingerprint()) == 8
     assert np.array_equal(c.decode([enc[0].data])[0], dec[0])  # deterministic
     assert isinstance(c.decode([b"CAI1junk"], errors="return")[0], Exception)
+
+
+def test_pipeline_encode_actor_and_audit_run_a_baseline_unchanged(tmp_path, sample_images):
+    """A baseline spec goes through the pipeline's EncodeActor and the audit's worker as is."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.actors import EncodeActor
+    from pipeline.audit import AuditConfig, AuditWorker
+
+    spec = {"baseline": "webp", "quality": 50}
+    rows = []
+    for i, im in enumerate(sample_images[:3]):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+        rows.append({"key": f"{i}.png", "source_uri": str(tmp_path / f"{i}.png"), "data": buf.getvalue(), "read_error": None})
+    out = EncodeActor(spec).encode_rows(rows)
+    assert [r["status"] for r in out] == ["ok"] * 3 and all(r["t"] == 50 for r in out)
+    assert out[0]["bitstream"][8:12] == b"WEBP" and len(out[0]["codec_fingerprint"]) == 32
+    w = AuditWorker(AuditConfig(codec=spec, fid="none", perceptual=()), {r["key"]: r["source_uri"] for r in rows})
+    res = w.process_rows(out)
+    assert [r["status"] for r in res] == ["ok"] * 3 and w.label == "webp"
+    for r, im in zip(res, sample_images):
+        assert r["psnr"] == pytest.approx(psnr(im, PillowCodec("webp", 50).decode([PillowCodec("webp", 50).encode([im])[0].data])[0]))
+        assert r["psnr"] > 25
