@@ -180,3 +180,61 @@ def test_lpips_and_dists_load_local_weights(tmp_path, monkeypatch):
     assert abs(ds(orig, orig)) < 1e-5 and ds(orig, noisy) > 1e-3
     m = M.image_metrics(orig, noisy, {"lpips": lp, "dists": ds})
     assert m["lpips"] == pytest.approx(lp(orig, noisy))
+
+
+def _layout_weights(tmp_path, alex_features: dict, vgg_features: dict | None = None) -> None:
+    """Weights files in the layout load_perceptual reads (torchvision names)."""
+    torch.save({f"features.{k}": v for k, v in alex_features.items()}, tmp_path / "alexnet-owt-7be5be79.pth")
+    if vgg_features is not None:
+        torch.save({f"features.{k}": v for k, v in vgg_features.items()}, tmp_path / "vgg16-397923af.pth")
+
+
+def test_lpips_matches_the_reference_package(tmp_path):
+    """Same backbone weights (the reference's seeded random AlexNet: no download) and the
+    reference package's own trained linear heads: our LPIPS equals `lpips.LPIPS` to 1e-5."""
+    lpips = pytest.importorskip("lpips")
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    alex = {}
+    for i in range(1, 6):
+        for k, v in getattr(ref.net, f"slice{i}").state_dict().items():
+            alex[k] = v  # keys are the torchvision feature indices ('0.weight', '3.bias', ...)
+    _layout_weights(tmp_path, alex)
+    (tmp_path / "alex.pth").write_bytes((Path(lpips.__file__).parent / "weights/v0.1/alex.pth").read_bytes())
+    ours, why = M.load_perceptual("lpips", tmp_path)
+    assert why == "ok"
+    a = _img(5, 64, 96)
+    b = np.clip(a.astype(int) + np.random.default_rng(2).normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
+    with torch.no_grad():
+        want = float(ref(t(a), t(b)).flatten()[0])
+    assert want > 1e-3
+    assert ours(a, b) == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_dists_matches_the_reference_package(tmp_path, monkeypatch):
+    """DISTS against `DISTS_pytorch` with the package's trained alpha/beta and a seeded random
+    VGG16 for both (the reference would download ImageNet VGG weights; we hand it a random one)."""
+    dp = pytest.importorskip("DISTS_pytorch.DISTS_pt")
+    from pathlib import Path
+
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None)
+    monkeypatch.setattr(dp.models, "vgg16", lambda pretrained=True, **kw: vgg)  # weight source only
+    ref = dp.DISTS(load_weights=False).eval()
+    ab = torch.load(Path(dp.__file__).parent / "weights.pt", map_location="cpu", weights_only=True)
+    ref.alpha.data, ref.beta.data = ab["alpha"], ab["beta"]
+    _layout_weights(tmp_path, {}, vgg.features.state_dict())
+    torch.save(ab, tmp_path / "weights.pt")
+    ours, why = M.load_perceptual("dists", tmp_path)
+    assert why == "ok"
+    a = _img(6, 64, 96)
+    b = np.clip(a.astype(int) + np.random.default_rng(3).normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    want = float(ref(t(a), t(b)))
+    assert want > 1e-3
+    assert ours(a, b) == pytest.approx(want, rel=1e-5, abs=1e-7)
