@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     df = pd.DataFrame(rows)
     groups = summarize(df, scores)
     anchor = args.anchor if any(g["codec"] == args.anchor for g in groups) else None
-    summary = {"dataset": args.dataset, "n_images": len(images), "crop": args.crop, "groups": groups,
+    summary = {"dataset": args.dataset, "n_images": len(images), "crop": args.crop, "patch": args.patch, "groups": groups,
                "notes": notes, "anchor": anchor or (groups[0]["codec"] if groups else None)}
     worst_items = [w for _, _, w in sorted(worst, key=lambda x: x[0], reverse=True)]
     write_outputs(args.out, df, summary, worst_items, opts, anchor=anchor)

@@ -151,8 +151,11 @@ def render_html(df, summary: dict, worst: list[dict] | None = None, anchor: str 
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>"]
     n_ok, n_fail = int((df["status"] == "ok").sum()), int((df["status"] != "ok").sum())
-    parts.append(f"<p>{n_ok} images measured, {n_fail} failed. Quality metrics are computed on each "
-                 "original's unpadded size; FID/KID on 256×256 patches (HiFiC protocol).</p>")
+    patch = int(summary.get("patch") or (summary.get("config") or {}).get("patch") or 256)
+    parts.append(f"<p>{n_ok} decoded images measured ({df['key'].nunique()} originals × "
+                 f"{df.groupby(['codec', 'setting']).ngroups} codec settings), {n_fail} failed. Quality metrics are "
+                 f"computed on each original's unpadded size; FID/KID on {patch}×{patch} patches (HiFiC protocol: "
+                 "non-overlapping grid plus the grid shifted by half a patch).</p>")
     for note in summary.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
 

@@ -238,3 +238,19 @@ def test_dists_matches_the_reference_package(tmp_path, monkeypatch):
     want = float(ref(t(a), t(b)))
     assert want > 1e-3
     assert ours(a, b) == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_inception_extractor_loads_a_local_state_dict(tmp_path, monkeypatch):
+    """The Inception path end to end with a torchvision-layout file (seeded random weights)."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict(), tmp_path / "inc.pth")
+    monkeypatch.setenv("FCODEC_INCEPTION_WEIGHTS", str(tmp_path / "inc.pth"))
+    ext, why = M.feature_extractor("inception")
+    assert why == "ok" and ext.dim == 2048
+    img = _img(7, 256, 384)
+    f = M.patch_features(ext, img)
+    assert f.shape == (1, 2048) and np.isfinite(f).all()  # one 256 patch; the shifted grid has none
+    np.testing.assert_allclose(M.patch_features(ext, img), f, rtol=1e-6)
