@@ -123,9 +123,16 @@ def start_local_ray(num_cpus: int = 4):
     return ray
 
 
+@pytest.fixture(scope="module")
+def _ray_for_module():
+    ray = start_local_ray()
+    yield ray
+    ray.shutdown()  # modules that call ray.init themselves (test_train) find no Ray running
+
+
 @pytest.fixture
-def ray_local():
-    """A local Ray runtime shared by the tests (started once, restarted if a test shut it down,
-    e.g. the multi-node test). Yields the ray module; `ray.get_runtime_context().gcs_address`
-    is the address a subprocess joins with `--ray-address`."""
+def ray_local(_ray_for_module):
+    """A local Ray runtime shared by a module's tests (started once per module and shut down
+    after it; restarted if a test shut it down, e.g. the multi-node test). Yields the ray module;
+    `ray.get_runtime_context().gcs_address` is the address a subprocess joins with `--ray-address`."""
     yield start_local_ray()
