@@ -122,7 +122,7 @@ class LPIPS(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b: (N,3,H,W) in [-1, 1]; returns (N,)."""
         ha, hb = (a - self.shift) / self.scale, (b - self.shift) / self.scale
-        total = torch.zeros(a.shape[0])
+        total = torch.zeros(a.shape[0], device=a.device)
         for sl, lin in zip(self.slices, self.lins):
             ha, hb = sl(ha), sl(hb)
             na = ha / (ha.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
@@ -131,7 +131,7 @@ class LPIPS(nn.Module):
         return total
 
     def __call__(self, orig: np.ndarray, dec: np.ndarray) -> float:  # type: ignore[override]
-        to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
+        to = lambda x: torch.tensor(np.asarray(x), device=self.shift.device).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
         return float(super().__call__(to(orig), to(_match(orig, dec)))[0])
 
 
@@ -183,7 +183,7 @@ class DISTS(nn.Module):
         return 1 - (d1 + d2).flatten()
 
     def __call__(self, orig: np.ndarray, dec: np.ndarray) -> float:  # type: ignore[override]
-        to = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 255.0  # noqa: E731
+        to = lambda x: torch.tensor(np.asarray(x), device=self.mean.device).permute(2, 0, 1)[None].float() / 255.0  # noqa: E731
         return float(super().__call__(to(orig), to(_match(orig, dec)))[0])
 
 
@@ -392,8 +392,8 @@ def patch_features(extractor: Callable, img: np.ndarray, size: int = PATCH, batc
     p = hific_patches(img, size)
     if not len(p):
         return np.zeros((0, extractor.dim))
-    out = []
+    out, dev = [], next(extractor.parameters()).device
     for s in range(0, len(p), batch):
-        x = torch.from_numpy(p[s : s + batch]).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(p[s : s + batch]).to(dev).permute(0, 3, 1, 2).float() / 255.0
         out.append(extractor(x).cpu().numpy())
     return np.concatenate(out)

@@ -36,6 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--label", default=None, help="codec name in the report (default: the codec's name)")
     p.add_argument("--workers", type=int, default=2, help="audit actors (default: %(default)s)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="Ray CPUs per actor (default: %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="Ray GPUs per actor, e.g. 1 or 0.5 (default: %(default)s)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else $FCODEC_S3_ENDPOINT)")
     add_metric_args(p)
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                       weights={"lpips": args.lpips_weights, "dists": args.dists_weights}, label=args.label)
     s = run_audit(args.originals, args.bitstreams, args.out, cfg, StorageOptions.from_env(args.endpoint_url),
                   workers=args.workers, n_worst=args.worst, cpus_per_worker=args.cpus_per_worker,
-                  ray_address=args.ray_address)
+                  ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
     g = s["groups"][0] if s["groups"] else {}
     fmt = lambda v, f: "n/a" if v is None or v != v else format(v, f)  # noqa: E731
     print(f"{s['n_rows']} rows: {s['n_ok']} measured, {s['n_failed']} failed; mean {fmt(g.get('bpp'), '.4f')} bpp, "

@@ -79,16 +79,21 @@ class Measurer:
     def __init__(self, cfg: AuditConfig) -> None:
         from codec import metrics as M
 
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # the networks follow the codec onto the GPU
         self.cfg, self.notes, self.perceptual = cfg, [], {}
         for name in cfg.perceptual:
             m, why = M.load_perceptual(name, cfg.weights.get(name))
             if m is None:
                 self.notes.append(f"{name.upper()} {why}")
             else:
-                self.perceptual[name] = m
+                self.perceptual[name] = m.to(dev)
         self.extractor, why = M.feature_extractor(cfg.fid)
         if self.extractor is None:
             self.notes.append(f"FID/KID {why}")
+        else:
+            self.extractor = self.extractor.to(dev)
 
     def new_stats(self):
         from codec.metrics import FeatureStats
@@ -168,7 +173,8 @@ class AuditWorker:
     # -------------------------------------------------------------- work
     def process_part(self, url: str) -> list[dict]:
         """Measure every row of one part; returns metrics rows (with `_part` for follow-ups)."""
-        out = self.process_rows(self.read_part(url))
+        rows = self.read_part(url)
+        out = [r for s in range(0, len(rows), 32) for r in self.process_rows(rows[s : s + 32])]  # bounded memory
         for r in out:
             r["_part"] = url
         return out
@@ -267,7 +273,7 @@ def dataset_scores(real, fake) -> dict:
 
 def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts: StorageOptions | None = None,
               workers: int = 2, n_worst: int = 6, cpus_per_worker: float = 0.5, ray_address: str | None = None,
-              anchor: str | None = None) -> dict:
+              anchor: str | None = None, gpus_per_worker: float = 0) -> dict:
     """The audit job; returns the summary written to OUT/summary.json."""
     import pandas as pd
     import ray
@@ -279,7 +285,7 @@ def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts:
     orig_map = list_originals(originals, opts)
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    Remote = ray.remote(num_cpus=cpus_per_worker)(AuditWorker)
+    Remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AuditWorker)
     cfg_d, orig_ref = asdict(cfg), ray.put(orig_map)
     actors = [Remote.remote(cfg_d, orig_ref, opts) for _ in range(max(1, min(workers, len(parts))))]
     pool = ActorPool(actors)
