@@ -109,3 +109,25 @@ def test_audit_of_an_empty_location_says_what_to_do(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="fcodec compress"):
         dataset_parts(str(tmp_path))
+
+
+def test_outputs_land_on_s3(s3_server, s3_bucket):
+    """OUT may be an object-store prefix: metrics.parquet, summary.json and report.html go there."""
+    import s3fs
+
+    from pipeline.audit import write_outputs
+    from pipeline.report import summarize
+
+    df = pd.DataFrame([{"key": f"k{i}", "codec": "jpeg", "setting": "q50", "bpp": 0.5 + i / 10, "psnr": 30.0 + i,
+                        "ssim": 0.9, "ms_ssim": 0.95, "status": "ok", "error": None} for i in range(3)]
+                      + [{"key": "bad", "codec": "jpeg", "setting": "q50", "status": "failed", "error": "boom"}])
+    summary = {"groups": summarize(df, {("jpeg", "q50"): {"fid": float("nan")}}), "notes": []}
+    write_outputs(f"{s3_bucket}/audit", df, summary, [], s3_server["opts"])
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    got = pd.read_parquet(f"{s3_bucket}/audit/metrics.parquet", storage_options=s3_server["storage_options"])
+    assert list(got["key"]) == ["k0", "k1", "k2", "bad"] and list(got["psnr"].iloc[:3]) == [30.0, 31.0, 32.0]
+    assert pd.isna(got["psnr"].iloc[3])
+    assert got.loc[got["key"] == "bad", "error"].item() == "boom"
+    s = json.loads(fs.cat(f"{s3_bucket}/audit/summary.json"))
+    assert s["groups"][0]["n_ok"] == 3 and s["groups"][0]["fid"] is None  # NaN -> null: strict JSON
+    assert b"Failed rows (1)" in fs.cat(f"{s3_bucket}/audit/report.html")
