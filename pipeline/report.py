@@ -75,6 +75,11 @@ def _thumb(px: np.ndarray, max_side: int = 256) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty dataset has nothing to label
+        ax.legend(**kw)
+
+
 def _plots(df, groups: dict, metrics: list[str]) -> dict[str, str]:
     import matplotlib
 
@@ -88,7 +93,7 @@ def _plots(df, groups: dict, metrics: list[str]) -> dict[str, str]:
     for codec, sub in ok.groupby("codec", sort=False):
         ax.hist(sub["bpp"], bins=bins, alpha=0.55, label=str(codec))
     ax.set(xlabel="bits per pixel", ylabel="images", title="Rate distribution")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     out["bpp_hist"] = _png(fig)
 
     for m in metrics:
@@ -98,7 +103,7 @@ def _plots(df, groups: dict, metrics: list[str]) -> dict[str, str]:
             ax.scatter(sub["bpp"], sub[m], s=10, alpha=0.7, label=label(codec, setting))
         ax.set(xlabel="bits per pixel", ylabel=name, title=f"{name} vs rate, per image")
         if ok.groupby(["codec", "setting"]).ngroups <= 16:
-            ax.legend(fontsize=7, ncol=2)
+            _legend(ax, fontsize=7, ncol=2)
         out[f"scatter_{m}"] = _png(fig)
 
         fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -108,7 +113,7 @@ def _plots(df, groups: dict, metrics: list[str]) -> dict[str, str]:
                 ax.plot(*zip(*p), marker="o", label=str(codec))
         ax.set(xlabel="mean bits per pixel", ylabel=f"mean {name}", title=f"Rate–distortion: {name}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
         out[f"rd_{m}"] = _png(fig)
     return out
 

@@ -85,3 +85,9 @@ def test_report_opens_in_headless_chromium_without_console_errors(tmp_path):
     bad.write_text(p.read_text().replace("base64,", "base64,AAAA", 1))
     dom, console = browser_console(bad)
     assert any("image failed" in ln for ln in console) and 'data-images-ok="9/10"' in dom
+
+
+def test_report_of_only_failed_rows_still_renders(tmp_path):
+    df = pd.DataFrame([{"key": "a", "codec": "x", "setting": "", "bpp": None, "psnr": None, "status": "failed", "error": "boom"}])
+    page = render_report(df, {"groups": summarize(df)}, tmp_path / "r.html").read_text()
+    assert "Failed rows (1)" in page and "0 decoded images measured" in page and page.count("<img") == 1
