@@ -373,3 +373,25 @@ def test_rerun_after_the_listing_changed_writes_each_key_once(tmp_path):
     got = st.read_dataset(str(dst), columns=["key"]).column("key").to_pylist()
     assert sorted(got) == sorted([*keys, "aaa_first.png"]) and len(got) == len(set(got))
     assert res["run"]["rows"] == 1 and res["totals"]["rows"] == 7
+
+
+def test_cli_s3_endpoint_and_credentials_from_environment(tmp_path, s3_server, s3_bucket, monkeypatch, capsys):
+    import s3fs
+
+    from jobs.cli import main
+
+    local = tmp_path / "src"
+    good = make_images(local, 4)
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.put(str(local) + "/", f"{s3_bucket[5:]}/in/", recursive=True)
+    for k, v in {**s3_server["env"], "AWS_ACCESS_KEY_ID": "AKIDEXAMPLEKEY", "AWS_SECRET_ACCESS_KEY": "wJalrSECRETvalue"}.items():
+        monkeypatch.setenv(k, v)  # moto accepts any credentials; these must never be echoed
+    assert main(["compress", f"{s3_bucket}/in", f"{s3_bucket}/out", "--no-ray", "--no-progress"]) == 0
+    assert main(["decompress", f"{s3_bucket}/out", f"{s3_bucket}/dec", "--no-ray", "--no-progress", "--steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert s3_server["endpoint_url"] in out and "compressed 4 images: 4 ok" in out and "decompressed 4 images: 4 ok" in out
+    assert "AKIDEXAMPLEKEY" not in out and "wJalrSECRETvalue" not in out
+    stored = b"".join(fs.cat(p) for p in fs.find(f"{s3_bucket[5:]}/out") if p.endswith(".json"))
+    assert b"AKIDEXAMPLEKEY" not in stored and b"wJalrSECRETvalue" not in stored
+    assert sorted(p.split("/dec/", 1)[1] for p in fs.find(f"{s3_bucket[5:]}/dec") if p.endswith(".png")) == \
+        sorted(output_key(k) for k in good)
