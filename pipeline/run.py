@@ -78,7 +78,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=num_cpus, **kw)
+        ray.init(address="local", num_cpus=num_cpus, **kw)  # never join a cluster by accident
     return True
 
 
