@@ -118,7 +118,7 @@ def start_local_ray(num_cpus: int = 4):
     if not ray.is_initialized():
         if _RAY_TMP is None:
             _RAY_TMP = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        ray.init(num_cpus=num_cpus, num_gpus=0, _temp_dir=_RAY_TMP, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=0, _temp_dir=_RAY_TMP, include_dashboard=False,
                  object_store_memory=256 << 20, log_to_driver=False, configure_logging=False)
     return ray
 
