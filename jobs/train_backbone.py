@@ -1,0 +1,68 @@
+"""`fcodec train-backbone`: train the nano backbone (VAE, then UNet) on a folder of photos, on a CPU.
+
+    fcodec train-backbone --data ../shared/data/kodak --out nano-out          # both stages
+    fcodec train-backbone --data ... --out nano-out --stage vae                # VAE only
+    fcodec train-backbone --data ... --out nano-out --stage unet               # reuse its VAE
+    fcodec train-backbone ... --eval ../shared/data/usc_sipi                   # + held-out numbers
+
+The output folder is a diffusers SD snapshot (`--backbone nano-out` loads it); the committed
+`codec/weights/nano/` was made this way (see its MODEL_CARD.md for the exact command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from codec.nano import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train-backbone", help="train the small 'nano' VAE + UNet backbone on a CPU",
+                       description="Train the nano backbone: the VAE on random crops of --data, then the UNet "
+                                   "on its latents for t in [1, --t-max], with a fixed seed.")
+    p.add_argument("--data", default="../shared/data/kodak", help="folder of training photos (default: %(default)s)")
+    p.add_argument("--out", default="nano-out", help="output snapshot folder (default: %(default)s)")
+    p.add_argument("--stage", choices=["all", "vae", "unet"], default="all",
+                   help="all; vae only; or unet only, reusing OUT/vae_trained.pt (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch)
+    p.add_argument("--vae-crop", type=int, default=d.vae_crop, help="training crop in pixels")
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps)
+    p.add_argument("--unet-batch", type=int, default=d.unet_batch)
+    p.add_argument("--unet-crop", type=int, default=d.unet_crop, help="training crop in latent pixels (x8 image pixels)")
+    p.add_argument("--vae-stop-at", type=int, default=None, metavar="N", help="stop the VAE after N steps of its --vae-steps schedule")
+    p.add_argument("--unet-stop-at", type=int, default=None, metavar="N", help="stop the UNet after N steps of its --unet-steps schedule")
+    p.add_argument("--t-max", type=int, default=d.t_max, help="largest diffusion step trained (default: %(default)s)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=d.prediction_type)
+    p.add_argument("--small", action="store_true", help="tiny model sizes (smoke tests)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval", default=None, metavar="DIR", help="held-out photos: write OUT/metrics.json with the issue's numbers")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from codec.nano import TrainConfig, evaluate, load_folder, train_backbone
+
+    torch.set_num_threads(max(1, args.threads))
+    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_crop=args.vae_crop,
+                      unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_crop=args.unet_crop,
+                      t_max=args.t_max, prediction_type=args.prediction_type, small=args.small,
+                      log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at)
+    out = train_backbone(args.data, args.out, cfg, log=lambda m: print(m, flush=True), stage=args.stage)
+    if args.stage == "vae":
+        print(f"{out}: VAE trained; run again with --stage unet")
+        return 0
+    if args.eval:
+        from codec import load_backbone
+
+        res = evaluate(load_backbone(str(out)), load_folder(args.eval))
+        (Path(out) / "metrics.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+    print(f"{out}: backbone written (use --backbone {out})")
+    return 0
