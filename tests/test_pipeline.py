@@ -395,3 +395,17 @@ def test_cli_s3_endpoint_and_credentials_from_environment(tmp_path, s3_server, s
     assert b"AKIDEXAMPLEKEY" not in stored and b"wJalrSECRETvalue" not in stored
     assert sorted(p.split("/dec/", 1)[1] for p in fs.find(f"{s3_bucket[5:]}/dec") if p.endswith(".png")) == \
         sorted(output_key(k) for k in good)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_main_job_end_to_end(tmp_path, ray_local, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "demo: 6/6 images compressed, 6 decoded" in text and "mean PSNR" in text
+    assert len(st.read_dataset(str(out / "bitstreams"))) == 6
+    assert sorted(p.name for p in (out / "decoded").glob("*.png")) == sorted(p.name for p in (out / "originals").glob("*.png"))
+    assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1", "--no-ray"]) == 0  # a second run starts clean
+    assert len(st.read_dataset(str(out / "bitstreams"))) == 6
