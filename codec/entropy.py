@@ -156,31 +156,34 @@ class StaticEntropyModel(nn.Module):
 
 
 class HyperpriorEntropyModel(nn.Module):
-    """Mean-scale hyperprior over the C-channel latent (Minnen et al. 2018, no context model)."""
+    """Mean-scale hyperprior over the C-channel latent (Minnen et al. 2018, no context model).
+
+    The transforms are shaped for SD's 4-channel latent at the codec's low rates (|ŷ| mostly
+    ≤ 2): h_a sees [ŷ, |ŷ|] in 4×4 patches, so z describes each patch's mean and energy, and
+    h_s maps z back to per-symbol (μ, σ). Deeper Minnen-style strided stacks did not learn
+    to use z within a short training run (the side latent collapsed); this one does.
+    """
 
     model_id = 1
     name = "hyperprior"
 
-    def __init__(self, channels: int = 4, hidden: int = 64, z_channels: int | None = None) -> None:
+    def __init__(self, channels: int = 4, hidden: int = 64, z_channels: int = 8) -> None:
         super().__init__()
         from compressai.entropy_models import EntropyBottleneck
 
-        # z_channels: width of the side latent. A 4-channel ŷ needs far fewer than `hidden`
-        # (every z channel costs bits until training switches it off); None keeps z = hidden.
-        zc = z_channels or hidden
-        self.channels, self.hidden, self.z_channels = channels, hidden, zc
+        self.channels, self.hidden, self.z_channels = channels, hidden, z_channels
         act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
         self.h_a = nn.Sequential(
-            _WithMagnitude(), nn.Conv2d(2 * channels, hidden, 3, padding=1), act(),
-            nn.Conv2d(hidden, hidden, 5, stride=2, padding=2), act(),
-            nn.Conv2d(hidden, zc, 5, stride=2, padding=2),
+            _PatchFeatures(), nn.Conv2d(2 * channels, hidden, 4, stride=4), act(), nn.Conv2d(hidden, z_channels, 1),
         )
         self.h_s = nn.Sequential(
-            nn.ConvTranspose2d(zc, hidden, 5, stride=2, padding=2, output_padding=1), act(),
-            nn.ConvTranspose2d(hidden, hidden, 5, stride=2, padding=2, output_padding=1), act(),
+            nn.ConvTranspose2d(z_channels, hidden, 4, stride=4), act(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), act(),
             nn.Conv2d(hidden, 2 * channels, 3, padding=1),
         )
-        self.entropy_bottleneck = EntropyBottleneck(zc)
+        self.entropy_bottleneck = EntropyBottleneck(z_channels)
+        with torch.no_grad():  # z starts at std ~1, not ~0.2: the bottleneck's U(-½, ½) training
+            self.h_a[-1].weight.mul_(5.0)  # noise would otherwise drown it and h_s learn to ignore z
         self.coder = _GaussianCoder()
         self._h_s64: nn.Module | None = None
 
@@ -257,12 +260,16 @@ class HyperpriorEntropyModel(nn.Module):
         return next(self.h_a.parameters()).device
 
 
-class _WithMagnitude(nn.Module):
-    """ŷ -> [ŷ, |ŷ|]: the local energy that sets σ is then one linear map away for h_a, which
-    makes the hyperprior learn in hundreds of steps instead of collapsing its side latent.
-    (h_a runs only in the encoder; the decoder needs ẑ alone.)"""
+class _PatchFeatures(nn.Module):
+    """ŷ -> [ŷ, |ŷ|], zero-padded to a multiple of 4 (z is ⌈h/4⌉ × ⌈w/4⌉, as `decompress` expects).
+
+    With |ŷ| the local energy that sets σ is one linear map away. h_a runs only in the encoder;
+    the decoder needs ẑ alone.
+    """
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        h, w = y.shape[-2:]
+        y = nn.functional.pad(y, (0, -w % 4, 0, -h % 4))
         return torch.cat([y, y.abs()], dim=1)
 
 

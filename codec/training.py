@@ -46,9 +46,10 @@ class TrainConfig:
     t_range: tuple[float, float] = (T_MIN, T_MAX)
     z_warmup: int = 200  # steps over which the side latent's bits ramp from free to full price
     hidden: int = 64  # hyperprior width
-    z_channels: int = 16  # hyperprior side-latent width
+    z_channels: int = 8  # hyperprior side-latent width
     estimator_hidden: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
+    decay_steps: int | None = None  # cosine decay of the learning rate to 10% over this many steps
     quantile_lr: float = 1e-2  # EntropyBottleneck quantiles (CompressAI's "aux" parameters)
     extra: dict = field(default_factory=dict)
 
@@ -176,6 +177,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, z: torch.Tens
     core.train()
     warm = max(1, core.config.z_warmup)
     core.z_weight = 1.0 if step is None else min(1.0, (step + 1) / warm)
+    if step is not None and core.config.decay_steps:
+        frac = min(1.0, step / core.config.decay_steps)
+        f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        optimizer.param_groups[0]["lr"] = core.config.lr * f
     if lam is None:
         lam = core.sample_lambda(z.shape[0], generator)
     out = model(z, lam, images, generator)

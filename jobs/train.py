@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="t range for --no-estimator (default 1 400)")
     g.add_argument("--no-denoise", action="store_true", help="measure distortion on ẑ instead of the one-step x̂₀")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 10%% over --steps (default: %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--steps", type=int, default=1000, help="optimiser steps per worker (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="crops per worker and step (default: %(default)s)")
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         n = build_latent_cache(args.data, args.latent_cache, backbone, args.vae, num_actors=args.workers, use_gpu=args.gpu)
         print(f"latent cache: {n} images -> {args.latent_cache}")
     cfg = TrainConfig(distortion=args.distortion, lam_min=args.lam_min, lam_max=args.lam_max,
-                      train_estimator=not args.no_estimator, denoise=not args.no_denoise, lr=args.lr)
+                      train_estimator=not args.no_estimator, denoise=not args.no_denoise, lr=args.lr,
+                      decay_steps=args.steps)
     if args.t_range:
         cfg.t_range = tuple(args.t_range)
     job = TrainJob(data=args.data, out=args.out, backbone=backbone, vae=args.vae, latent_cache=args.latent_cache,
