@@ -1,0 +1,82 @@
+"""Pipeline benchmarks: the Ray compress job against a bare in-process loop over the same codec
+and images, 1 vs 2 actors, and peak RSS per actor as the dataset grows 10×. Everything is
+measured side by side in one run; the ratios are the figures (absolute speeds depend on the box).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from .actors import load_codec_from_spec
+from .run import JobConfig, compress
+
+
+class RssSampler:
+    """Samples the RSS of this machine's Ray actor processes running `pattern` (peak per pid)."""
+
+    def __init__(self, pattern: str = "EncodeActor", every: float = 0.2) -> None:
+        self.pattern, self.every, self.peak = pattern, every, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if self.pattern in cmd and p.info["memory_info"] is not None:
+                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.info["memory_info"].rss)
+                except psutil.Error:
+                    continue
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def bare_loop(src_files: list[Path], spec: dict, batch: int) -> dict:
+    """Read, decode and encode the files in this process, in batches like the actors: the baseline."""
+    from codec import load_image
+
+    t0 = time.perf_counter()
+    codec = load_codec_from_spec(spec)
+    n_bytes = 0
+    for i in range(0, len(src_files), batch):
+        imgs = [load_image(p.read_bytes()) for p in src_files[i : i + batch]]
+        n_bytes += sum(len(e.data) for e in codec.encode(imgs))
+    dt = time.perf_counter() - t0
+    return {"images": len(src_files), "seconds": dt, "images_per_s": len(src_files) / dt, "bytes": n_bytes}
+
+
+def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sample_rss: bool = False) -> dict:
+    """The real compress job (local Ray already initialised) into a temporary destination."""
+    dst = tempfile.mkdtemp(prefix="fcodec-bench-")
+    try:
+        cfg = JobConfig(src=src, dst=dst, codec=dict(spec), shard_size=shard_size, rows_per_batch=batch,
+                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), read_cpus=0.25)
+        sampler = RssSampler() if sample_rss else None
+        t0 = time.perf_counter()
+        if sampler:
+            with sampler:
+                stats = compress(cfg, progress=False, echo=lambda *_: None)
+        else:
+            stats = compress(cfg, progress=False, echo=lambda *_: None)
+        dt = time.perf_counter() - t0
+        n = int(stats["totals"]["ok"])
+        out = {"images": n, "failed": int(stats["totals"]["failed"]), "seconds": dt, "workers": workers,
+               "images_per_s": n / dt if dt else 0.0}
+        if sampler:
+            out["peak_rss_mb_per_actor"] = sorted(v / 2**20 for v in sampler.peak.values())
+        return out
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""fcodec bench: the structure of what it reports (never the timings themselves)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs.bench import to_markdown
+
+
+def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
+    from codec.profiling import stage_breakdown
+
+    r = stage_breakdown(tiny_codec, [sample_images[0]] * 2, t=50, steps=3)
+    stages = r["stages_s_per_mp"]
+    assert {"vae_encode", "entropy_encode", "entropy_decode", "vae_decode"} <= set(stages)
+    assert [k for k in stages if k.startswith("unet_step_")] == ["unet_step_1", "unet_step_2", "unet_step_3"]
+    assert all(v > 0 for v in stages.values()) and 0 < r["entropy_share"] < 1
+    assert r["megapixels"] == pytest.approx(2 * 64 * 64 / 1e6)
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--out", str(out), "--images", "8", "--size", "32",
+                        "--batch", "4", "--sections", "stages,pipeline,gpu", "--docs", str(tmp_path / "perf.md")],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    assert res["pipeline"]["bare_loop"]["images"] == 8 and res["pipeline"]["ray_job_1_actor_4x"]["images"] == 32
+    assert res["pipeline"]["efficiency"] > 0 and "tiny" in res["stages"]
+    md = (tmp_path / "perf.md").read_text()
+    assert "pipeline efficiency: " in md and "× the bare loop" in md and "fcodec bench" in md
+
+
+def test_markdown_has_every_section():
+    stage = {"stages_s_per_mp": {"vae_encode": 1.0, "unet_step_1": 2.0}, "entropy_share": 0.01, "total_s_per_mp": 3.0}
+    run = {"images": 10, "seconds": 2.0, "images_per_s": 5.0}
+    res = {"started": "now", "machine": {"cpus": 2, "platform": "x", "torch": "2", "gpu": None},
+           "params": {"images": 10, "size": 64, "t": 100, "steps": 4, "batch": 8},
+           "stages": {"tiny": stage},
+           "pipeline": {"bare_loop": run, "bare_loop_4x": run, "ray_job_1_actor": run, "ray_job_1_actor_4x": run,
+                        "efficiency": 0.93, "end_to_end_efficiency": 0.5, "bare_marginal_images_per_s": 5.0,
+                        "ray_marginal_images_per_s": 4.65, "fixed_startup_s": 3.0},
+           "scaling": {"speedup": 1.5, "per_actor_efficiency": 0.75, "model_n_gpus": {1: 5.0, 2: 7.5}, "note": "n"},
+           "memory": {"dataset": run, "dataset_10x": run, "peak_rss_mb": [500.0, 520.0], "growth": 0.04},
+           "gpu": {"skipped": "no CUDA device on this machine"}}
+    md = to_markdown(res)
+    assert "pipeline efficiency: 0.93× the bare loop" in md
+    for h in ("## Codec stages", "## Scaling", "## Memory", "+4.0%", "## GPU", "1.00%"):
+        assert h in md
