@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.samples import sample_image, write_samples
+from jobs.samples import sample_image
 from pipeline import actors
 from pipeline import storage as st
 from pipeline.actors import DecodeActor, EncodeActor, output_key
