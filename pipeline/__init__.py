@@ -5,4 +5,5 @@ storage.py  StorageOptions (endpoint; credentials from the environment), atomic 
 schema.py   the Parquet schemas of bitstream and decoded datasets
 actors.py   EncodeActor / DecodeActor: codec loaded once per actor; callable on a batch without Ray
 run.py      compress() / decompress(): plan, Ray Data graph, per-shard commits, resume, stats
+audit.py, report.py, train.py: the audit, report and training jobs (see their docstrings)
 """
