@@ -113,3 +113,30 @@ def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, tmp_path):
     assert (tmp_path / "x.fdc").read_bytes() == here.data
     dec = res.codec.decode([here.data], steps=0)[0]
     assert dec.shape == load_image(img.read_bytes()).pixels.shape
+
+
+@pytest.mark.slow
+def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_codec):
+    """The Ray Data cache job writes one float16 latent row per image; training batches read it."""
+    import pyarrow.parquet as pq
+
+    from codec import load_image
+    from codec.training import encode_latents
+    from pipeline.train import TrainJob, _Batches, build_latent_cache
+
+    n = build_latent_cache(str(sample_dir), str(tmp_path / "cache"), "tiny", num_actors=1)
+    assert n == 8
+    rows = pq.read_table(str(tmp_path / "cache")).to_pylist()
+    row = next(r for r in rows if r["key"] == "sample_0001.png")  # 96x128 -> 12x16 latent
+    assert (row["channels"], row["height"], row["width"]) == (4, 12, 16)
+    assert row["backbone_fingerprint"] == tiny_codec.backbone.fingerprint().hex()
+    px = torch.from_numpy(load_image((sample_dir / "sample_0001.png").read_bytes()).pixels.copy()).permute(2, 0, 1)[None]
+    want = encode_latents(tiny_codec.backbone, px.float() / 127.5 - 1)[0].numpy()
+    got = np.frombuffer(row["latent"], dtype="<f2").reshape(4, 12, 16).astype(np.float32)
+    assert np.allclose(got, want, atol=2e-3 * max(1.0, float(np.abs(want).max())))
+
+    job = TrainJob(data="", out=str(tmp_path / "w"), latent_cache=str(tmp_path / "cache"), batch_size=3, crop=64)
+    batches = _Batches(tiny_codec.backbone, job, rank=1, world=2, generator=torch.Generator().manual_seed(0))
+    assert len(batches) == 4  # every 2nd of the 8 rows
+    z, x = batches.next()
+    assert z.shape == (3, 4, 8, 8) and x is None
