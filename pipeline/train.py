@@ -113,18 +113,19 @@ def _worker_latents(cache: str, rank: int, world: int, opts: StorageOptions | No
 class _Batches:
     """Random crops, batch after batch: latents from the cache, or images VAE-encoded on the fly."""
 
-    def __init__(self, backbone, job: TrainJob, rank: int, world: int, generator) -> None:
+    def __init__(self, backbone, job: TrainJob, rank: int, world: int, generator,
+                 opts: StorageOptions | None = None) -> None:
         self.backbone, self.job, self.g = backbone, job, generator
         if job.crop % 8:
             raise ValueError(f"--crop must be a multiple of 8 pixels, got {job.crop}")
         if job.latent_cache:
-            self.latents, fp = _worker_latents(job.latent_cache, rank, world)
+            self.latents, fp = _worker_latents(job.latent_cache, rank, world, opts)
             if fp != backbone.fingerprint().hex():
                 raise ValueError(f"latent cache '{job.latent_cache}' was made with backbone {fp}, not "
                                  f"{backbone.fingerprint().hex()}: rebuild it with the same --backbone/--vae")
             self.images = None
         else:
-            self.images, self.latents = _worker_images(job.data, rank, world), None
+            self.images, self.latents = _worker_images(job.data, rank, world, opts), None
 
     def __len__(self) -> int:
         return len(self.latents if self.latents is not None else self.images)
@@ -185,7 +186,7 @@ def train_loop(config: dict) -> None:
             print(f"[fcodec train] resumed from step {step}", flush=True)
     model = rt.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
-    data = _Batches(backbone, job, rank, world, g)
+    data = _Batches(backbone, job, rank, world, g, StorageOptions.from_env())
     t0 = time.time()
     while step < job.steps:
         z, x = data.next()
@@ -199,7 +200,7 @@ def train_loop(config: dict) -> None:
         if step % job.log_every and step % job.checkpoint_every and not last:
             continue
         if rank == 0:
-            print(f"[fcodec train] step {step}/{job.steps} loss {m['loss']:.4f} bpp {m['bpp']:.4f} "
+            print(f"[fcodec train] step {step}/{job.steps} rate+λD {m['rd']:.4f} bpp {m['bpp']:.4f} "
                   f"D {m['distortion']:.5f} t {m['t']:.1f} λ {m['lam']:.3g} ({time.time() - t0:.1f}s)", flush=True)
         if rank == 0 and (step % job.checkpoint_every == 0 or last):
             with tempfile.TemporaryDirectory() as d:
@@ -239,6 +240,7 @@ def train(job: TrainJob, opts: StorageOptions | None = None) -> TrainResult:
 
     if not job.data and not job.latent_cache:
         raise ValueError("give training images (DATA) or a --latent-cache")
+    opts = opts or StorageOptions.from_env()
     if not ray.is_initialized():
         ray.init()
     trainer = TorchTrainer(
@@ -269,6 +271,7 @@ def load_checkpoint_state(checkpoint) -> dict:
 
 def export(job: TrainJob, state: dict, opts: StorageOptions | None = None):
     """Build the codec from a checkpoint state and `save_pretrained` it to `job.out` (local or URL)."""
+    opts = opts or StorageOptions.from_env()
     from codec import load_backbone
     from codec.training import RateDistortion, TrainConfig, export_codec
 
@@ -336,6 +339,7 @@ def build_latent_cache(data: str, out: str, backbone: str = "tiny", vae: str | N
 
     if not ray.is_initialized():
         ray.init()
+    opts = opts or StorageOptions.from_env()
     inputs, _ = list_inputs(data, opts)
     shards = plan_shards(inputs, shard_size=16)
     if not shards:
