@@ -291,10 +291,10 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
     fs.put(str(local) + "/", f"{s3_bucket[5:]}/images/", recursive=True)
     opts = s3_server["opts"]
     src, dst = f"{s3_bucket}/images", f"{s3_bucket}/archive"
-    cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=5, rows_per_batch=4, storage=opts.public())
+    cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=5, rows_per_batch=4, workers=1, storage=opts.public())
     res = compress(cfg, opts, use_ray=True, progress=False, echo=lambda s: None)
     assert res["totals"]["rows"] == len(expected) + len(bad) and res["totals"]["failed"] == len(bad)
-    assert res["manifest"]["complete"] and res["run"]["pool"]["size"] >= 1
+    assert res["manifest"]["complete"] and res["run"]["pool"]["size"] == 1 and len(res["run"]["workers"]) == 1
     assert all(w["codec_loads"] == 1 for w in res["run"]["workers"].values())  # once per actor, not per batch
 
     df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
@@ -312,7 +312,8 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
     assert "testing" not in json.dumps(manifest)  # moto's credentials are not stored
 
     out = f"{s3_bucket}/decoded"
-    dres = decompress(JobConfig(src=dst, dst=out, codec=SPEC, rows_per_batch=4), opts, use_ray=True, progress=False, echo=lambda s: None)
+    dres = decompress(JobConfig(src=dst, dst=out, codec=SPEC, rows_per_batch=4, workers=1), opts, use_ray=True, progress=False,
+                      echo=lambda s: None)
     assert dres["run"]["ok"] == len(expected) and dres["run"]["skipped"] == len(bad) and dres["run"]["failed"] == 0
     for key, (h, w) in expected.items():
         img = Image.open(io.BytesIO(fs.cat(f"{out[5:]}/{output_key(key)}")))
