@@ -33,7 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
         sp = mod.add_parser(sub)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         sp.set_defaults(_run=mod.run)
+        if not any("--config" in a.option_strings for a in sp._actions):
+            _add_generic_config(sp)
     return p
+
+
+def _add_generic_config(sp: argparse.ArgumentParser) -> None:
+    """Give a job `--config PATH_OR_URL` (YAML/TOML, any option incl. positionals; flags win), so a
+    scheduled run only changes a config file. Positionals become optional and are checked after."""
+    sp.add_argument("--config", default=None, metavar="FILE_OR_URL",
+                    help="YAML or TOML file (local, s3://, gs://) with any of this command's options; flags win")
+    required = []
+    for a in sp._actions:
+        if not a.option_strings and a.nargs is None:
+            a.nargs, a.required = "?", False
+            required.append(a.dest)
+    sp.set_defaults(_config_parser=sp, _config_required=required)
+
+
+def apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill options left at their defaults from --config; then every positional must be set."""
+    sp = getattr(args, "_config_parser", None)
+    if sp is None:
+        return args
+    if args.config:
+        from .compress import load_config_file
+        from pipeline.storage import StorageOptions
+
+        values = load_config_file(args.config, StorageOptions.from_env())
+        known = {a.dest for a in sp._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown options {unknown}")
+        for k, v in values.items():
+            if getattr(args, k, None) == sp.get_default(k):
+                setattr(args, k, v)
+    missing = [d.upper() for d in args._config_required if getattr(args, d, None) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+    return args
 
 
 def quiet_libraries() -> None:
@@ -63,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
-    return run_guarded(args._run, args)
+    return run_guarded(lambda a: a._run(apply_config(a)), args)
 
 
 if __name__ == "__main__":
