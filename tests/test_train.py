@@ -13,6 +13,15 @@ import torch
 from codec.training import RateDistortion, TrainConfig, make_optimizer, random_crop, train_step
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: torch's default thread pool fights the other processes and runs 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_latents(tiny_codec):
     from codec.training import encode_latents
