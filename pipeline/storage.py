@@ -18,6 +18,7 @@ AWS_SESSION_TOKEN, or the provider's default chain) and never printed or written
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import uuid
@@ -134,8 +135,40 @@ def write_atomic(fs, path: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        def put() -> None:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+        with_retries(put, f"write {full_url(fs, path)}")
+
+
+# Object-store writes (part files, commit markers, manifests, PNGs) are retried this many times
+# with exponential backoff on top of botocore's own retries (~5-10 s per call), so an endpoint
+# that is down for up to about a minute costs time, not the job; after that the error is raised
+# and the shard stays uncommitted (a rerun redoes it).
+WRITE_ATTEMPTS = 4
+WRITE_BACKOFF_S = 2.0
+
+
+def with_retries(fn, what: str, attempts: int | None = None, backoff_s: float | None = None):
+    """Call fn(); on a transient error (network, endpoint down, throttling) retry with backoff
+    2, 4, 8 s ... up to `attempts` calls; then raise OSError naming what failed and how often."""
+    import time
+
+    attempts = attempts or WRITE_ATTEMPTS
+    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
+    for i in range(attempts):
+        try:
+            return fn()
+        except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise  # not transient: retrying cannot help
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
+            if i == attempts - 1:
+                raise OSError(f"could not {what} after {attempts} attempts ({type(e).__name__}: {e}); "
+                              f"is the object store reachable? Rerun the job to resume") from e
+            logging.getLogger("fcodec").warning("could not %s (%s); retry %d of %d in %.0f s", what, type(e).__name__,
+                                                i + 1, attempts - 1, backoff_s * 2**i)
+            time.sleep(backoff_s * 2**i)
 
 
 def write_json_atomic(fs, path: str, obj: Any) -> None:
@@ -162,8 +195,11 @@ def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, **write_kwar
                 os.unlink(tmp)
             raise
     else:
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f, **write_kwargs)
+        def put() -> None:
+            with fs.open(final, "wb") as f:
+                pq.write_table(table, f, **write_kwargs)
+
+        with_retries(put, f"write {full_url(fs, final)}")
     return final
 
 
