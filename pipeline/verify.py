@@ -101,7 +101,7 @@ def verify_dataset(url: str, opts: st.StorageOptions | None = None, decode_sampl
         got = _check_part(fs, root, sid, m, rep, keys, fingerprints, max_pixels, bs, sample, decode_sample, rng)
         for k in ("rows", "ok", "failed"):
             if got is not None and m.get(k) is not None and got[k] != m[k]:
-                rep.bad(f"shard {sid}: marker says {m[k]} {k} rows, part file has {got[k]}")
+                rep.bad(f"shard {sid}: marker says {k} = {m[k]}, the part file has {got[k]}")
         if got is not None and m.get("output_bytes") is not None and got["output_bytes"] != m["output_bytes"]:
             rep.bad(f"shard {sid}: marker says {m['output_bytes']} output bytes, part file has {got['output_bytes']}")
         echo(f"shard {sid}: {got['rows'] if got else '?'} rows checked")

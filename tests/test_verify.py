@@ -175,3 +175,14 @@ def test_s3_dataset(clean, s3_server, s3_bucket, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAILED" in out and f"{parts(clean)[0].name} is missing" in out
     assert "testing" not in out  # the credentials never show
+
+
+def test_row_dropped_from_a_part_file(ds):
+    p = parts(ds)[0]
+    n = pq.read_metadata(p).num_rows
+    rewrite(p, lambda rows: rows.pop())
+    rep = verify_dataset(str(ds))
+    assert not rep["ok"] and rep["rows"] == N_IMAGES + N_BAD - 1
+    assert any(f"marker says rows = {n}, the part file has {n - 1}" in x for x in rep["problems"])
+    assert any(f"_manifest.json counts {N_IMAGES + N_BAD} rows, the part files hold {N_IMAGES + N_BAD - 1}" in x
+               for x in rep["problems"])
