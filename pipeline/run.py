@@ -58,6 +58,7 @@ class JobConfig:
     max_shards: int | None = None  # stop after this many shards (incremental runs)
     image_column: str | None = None  # Parquet inputs: the image-bytes column
     format: str = "png"  # decompress: png files under DST, or parquet of PNG bytes
+    actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
 
     def public(self) -> dict:
@@ -118,6 +119,11 @@ def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs
     import ray
 
     _quiet_ray_data()
+    from ray.data import DataContext
+
+    # Start work only once every actor has loaded its codec: the pool shares the work from the
+    # first batch on, and a cluster too small for the pool fails with a clear timeout, not a hang.
+    DataContext.get_current().wait_for_min_actors_s = cfg.actor_start_timeout_s
     plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))) if est_rows else 1 << 30)
     info["pool"] = plan
     spec = dict(actor_kwargs["spec"])
