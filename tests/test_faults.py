@@ -1,0 +1,384 @@
+"""Faults injected into real jobs: a Ray worker node removed mid-job (ray.cluster_utils.Cluster),
+the object store unreachable for a while (a pausable TCP proxy in front of a moto server), and
+credentials that must never reach logs or output files. Each run ends with `verify_dataset`:
+the archive is whole and every input appears exactly once."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage as st
+from pipeline.run import JobConfig, compress
+from pipeline.verify import verify_dataset
+from test_pipeline import make_corrupt, make_images
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = {"backbone": "tiny", "steps": 1, "threads": 1}
+quiet = {"progress": False, "echo": lambda s: None}
+
+
+def _markers(root: Path) -> int:
+    return len(list((root / "_commits").glob("*.json"))) if (root / "_commits").is_dir() else 0
+
+
+def _wait(cond, timeout: float, every: float = 0.05) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+# ---------------------------------------------------------------- a worker node dies mid-job
+@pytest.mark.slow
+def test_worker_node_removed_mid_job_every_input_once(tmp_path):
+    """Head (1 CPU) + two worker nodes (2 CPUs each); once the first shard commits, the worker
+    node hosting the most actors is removed. Ray Data restarts the actor elsewhere and retries
+    the lost tasks; the dataset is whole and holds each key exactly once."""
+    import ray
+    import ray._private.state as ray_state
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the shared local Ray restarts for later tests
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    expected = make_images(src, 64, seed=11)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                                                            "temp_dir": f"/tmp/rayf-{os.getpid()}"})
+    nodes = [cluster.add_node(num_cpus=2, num_gpus=0) for _ in range(2)]
+    removed: dict = {}
+
+    def kill_a_node() -> None:
+        if not _wait(lambda: _markers(dst) >= 1, 300):
+            return
+        alive = [a for a in ray_state.actors().values() if a.get("State") == "ALIVE"]
+        per_node = {n.node_id: sum(1 for a in alive if a.get("Address", {}).get("NodeID") == n.node_id) for n in nodes}
+        victim = max(nodes, key=lambda n: per_node[n.node_id])
+        removed.update(node=victim.node_id, actors=per_node[victim.node_id], markers=_markers(dst))
+        cluster.remove_node(victim, allow_graceful=False)  # as a preempted VM: no goodbye
+
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        killer = threading.Thread(target=kill_a_node, daemon=True)
+        killer.start()
+        res = compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=4, rows_per_batch=4, workers=2,
+                                 actor_cpus=0.5), **quiet)
+        killer.join(timeout=60)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no shard committed: the fault was never injected"
+    assert removed["actors"] >= 1, "the removed node hosted no actor; the test proves nothing"
+    assert removed["markers"] < 16, "the job finished before the node died; the test proves nothing"
+    keys = st.read_dataset(str(dst), columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == 64
+    assert res["totals"]["ok"] == 64 and res["manifest"]["complete"]
+    rep = verify_dataset(str(dst))
+    assert rep["ok"], rep["problems"]
+    assert rep["rows"] == 64 and rep["bitstreams_checked"] == 64
+    print(f"node removed after {removed['markers']} of 16 shards committed, hosting {removed['actors']} actor(s); "
+          f"64 of 64 inputs ok, each once")
+
+
+# ---------------------------------------------------------------- the object store goes away
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PausableProxy:
+    """A TCP proxy on loopback in front of an S3 endpoint. `down()` closes the listening socket
+    and every open connection (clients get 'connection refused', as when the store is
+    unreachable); `up()` listens again on the same port. The server behind keeps its state."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.port = target_port, _free_port()
+        self.conns: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", self.port))
+        self.srv.listen(64)
+        threading.Thread(target=self._accept, args=(self.srv,), daemon=True).start()
+
+    def down(self) -> None:
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)  # wakes the accept() below
+        except OSError:
+            pass
+        self.srv.close()
+        with self.lock:
+            for s in self.conns:
+                self._close(s)
+            self.conns.clear()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns |= {c, u}
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _close(s: socket.socket) -> None:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(a)
+            self._close(b)
+            with self.lock:
+                self.conns -= {a, b}
+
+
+@pytest.fixture
+def flaky_s3(tmp_path):
+    """Our own moto server (not the session one) behind a PausableProxy. Yields a dict with
+    `proxy`, `opts` (through the proxy: what the job uses) and `direct` (an s3fs client that
+    bypasses the proxy: what the test uses to watch and check)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    proxy = PausableProxy(port)
+    direct = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")
+    direct.mkdir("flaky")
+    try:
+        yield {"proxy": proxy, "direct": direct,
+               "opts": st.StorageOptions(endpoint_url=proxy.url, key="testing", secret="testing"),
+               "direct_opts": st.StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")}
+    finally:
+        proxy.down()
+        server.stop()
+
+
+def _upload(local: Path, fs, prefix: str) -> None:
+    fs.put(str(local) + "/", prefix + "/", recursive=True)
+    fs.invalidate_cache()
+
+
+def _s3_markers(fs, prefix: str) -> int:
+    fs.invalidate_cache()
+    try:
+        return len(fs.glob(f"{prefix}/_commits/*.json"))
+    except OSError:
+        return 0
+
+
+def _check_whole(url: str, opts, expected: dict) -> dict:
+    rep = verify_dataset(url, opts)
+    assert rep["ok"], rep["problems"]
+    keys = st.read_dataset(url, opts, columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    return rep
+
+
+@pytest.mark.slow
+def test_object_store_outage_mid_job_retried_then_whole(tmp_path, flaky_s3, ray_local, caplog):
+    """The endpoint is refused for 15 s (longer than botocore's own retries) once the first shard
+    is committed. Reads that fall in the outage become 'could not read source' rows, commit
+    writes wait it out (storage.with_retries), nothing partial is visible; `--retry-failed`
+    then completes the archive."""
+    fs, proxy = flaky_s3["direct"], flaky_s3["proxy"]
+    expected = make_images(tmp_path / "src", 32, seed=12)
+    _upload(tmp_path / "src", fs, "flaky/src")
+    src, dst = "s3://flaky/src", "s3://flaky/dst"
+    outage: dict = {}
+
+    def cut() -> None:
+        if _wait(lambda: _s3_markers(fs, "flaky/dst") >= 1, 240, every=0.2):
+            outage["markers"] = _s3_markers(fs, "flaky/dst")
+            proxy.down()
+            time.sleep(15)
+            outage["commits_during"] = _s3_markers(fs, "flaky/dst") - outage["markers"]
+            proxy.up()
+
+    t = threading.Thread(target=cut, daemon=True)
+    t.start()
+    cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=4, rows_per_batch=4, workers=1)
+    with caplog.at_level("WARNING", logger="fcodec"):
+        res = compress(cfg, flaky_s3["opts"], **quiet)
+    t.join(timeout=60)
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries and all("could not write s3://flaky/dst/" in m for m in retries)  # the commit writes waited
+    assert outage.get("markers", 99) < 8, "the job finished before the outage; the test proves nothing"
+    assert outage["commits_during"] == 0  # nothing could be committed while the store was away
+    tot = res["totals"]
+    assert tot["rows"] == 32 and tot["ok"] + tot["failed"] == 32  # every input exactly once, ok or failed
+    for f in res["run"]["failures"]:
+        assert "could not read source" in f["error"], f
+    _check_whole(dst, flaky_s3["direct_opts"], expected)  # whole as committed, failed rows included
+
+    res2 = compress(JobConfig(**{**cfg.public(), "retry_failed": True}), flaky_s3["opts"], **quiet)
+    assert res2["totals"]["ok"] == 32 and res2["totals"]["failed"] == 0
+    assert res2["run"]["rows"] == tot["failed"]
+    rep = _check_whole(dst, flaky_s3["direct_opts"], expected)
+    assert rep["ok_rows"] == 32
+    print(f"outage: first marker at {outage['markers']} shards, {len(retries)} write retries, {tot['failed']} rows "
+          f"failed in the outage, all 32 ok after --retry-failed")
+
+
+@pytest.mark.slow
+def test_object_store_gone_for_good_is_a_clear_error_and_nothing_partial(tmp_path, flaky_s3, monkeypatch):
+    """The endpoint never comes back: the job stops with one clear error after bounded retries;
+    what is visible is only committed shards (verify: no orphans, only 'no manifest'); a rerun
+    once the store is back finishes the archive with each key once."""
+    monkeypatch.setattr(st, "WRITE_ATTEMPTS", 2)  # bounded either way; 2 keeps the test short
+    monkeypatch.setattr(st, "WRITE_BACKOFF_S", 0.5)
+    fs, proxy = flaky_s3["direct"], flaky_s3["proxy"]
+    expected = make_images(tmp_path / "src", 16, seed=13)
+    _upload(tmp_path / "src", fs, "flaky/src")
+    src, dst = "s3://flaky/src", "s3://flaky/dst"
+    cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=4, rows_per_batch=4)
+    cut = threading.Thread(target=lambda: _wait(lambda: _s3_markers(fs, "flaky/dst") >= 1, 240, every=0.02) and proxy.down(),
+                           daemon=True)
+    cut.start()
+    t0 = time.time()
+    with pytest.raises(OSError, match=r"could not write s3://flaky/dst/.* after 2 attempts .*Rerun the job to resume"):
+        compress(cfg, flaky_s3["opts"], use_ray=False, **quiet)  # inline: the driver itself meets the outage
+    took = time.time() - t0
+    cut.join(timeout=10)
+    proxy.up()
+    rep = verify_dataset(dst, flaky_s3["direct_opts"])
+    n = rep["shards"]
+    assert 1 <= n < 4
+    assert rep["problems"] == ["no _manifest.json: the compress job never finished (rerun it to resume)"]
+    assert rep["rows"] == 4 * n  # the committed shards are whole; nothing else is visible
+    res = compress(cfg, flaky_s3["opts"], use_ray=False, **quiet)
+    assert res["run"]["skipped_committed_shards"] == n and res["totals"]["ok"] == 16
+    _check_whole(dst, flaky_s3["direct_opts"], expected)
+    print(f"store gone: clear error after {took:.0f} s with {n} of 4 shards committed; rerun completed")
+
+
+# ---------------------------------------------------------------- credentials stay secret
+@pytest.mark.slow
+def test_credentials_never_in_logs_or_outputs(tmp_path, s3_server, s3_bucket):
+    """A real `fcodec compress` subprocess against moto with a distinctive secret: the secret
+    and the access key id appear in no output object and not in stdout/stderr."""
+    import s3fs
+
+    secret, key_id = "SeCrEt-Do-Not-Print-7f3a9c", "AKIDDISTINCTIVE42"
+    make_images(tmp_path / "src", 6, seed=14)
+    make_corrupt(tmp_path / "src")  # failure rows carry error text: it must not leak either
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.put(str(tmp_path / "src") + "/", f"{s3_bucket[5:]}/src/", recursive=True)
+    env = {**os.environ, **s3_server["env"], "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id}
+    cmd = [sys.executable, "-m", "jobs.cli", "compress", f"{s3_bucket}/src", f"{s3_bucket}/dst", "--backbone", "tiny",
+           "--no-ray", "--shard-size", "4", "--no-progress", "--debug"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    vout = subprocess.run([sys.executable, "-m", "jobs.cli", "verify", f"{s3_bucket}/dst", "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert vout.returncode == 0, vout.stdout[-2000:] + vout.stderr[-2000:]
+    logs = out.stdout + out.stderr + vout.stdout + vout.stderr
+    assert "config: " in out.stdout and '"credentials": "from environment"' in out.stdout  # the config IS printed ...
+    objects = fs.find(f"{s3_bucket[5:]}/dst")
+    assert any(o.endswith("_manifest.json") for o in objects) and len(objects) >= 5
+    blobs = b"".join(fs.cat(o) for o in objects)
+    for s in (secret, key_id):  # ... without the secrets, and no output object holds them
+        assert s not in logs and s.encode() not in blobs
+
+
+# ---------------------------------------------------------------- hostile records: caps and a longer fuzz
+def test_decoder_pixel_cap_refuses_before_entropy_decoding(tiny_codec):
+    """A decoder whose job lowers `max_pixels` refuses bigger records at parse time (CodecConfig ->
+    bitstream.parse), before any entropy decoding or tensor allocation; the latent size is
+    bound to the claimed image size there too."""
+    from codec import BitstreamError, CodecConfig, load_codec
+    from jobs.samples import sample_image
+
+    data = tiny_codec.encode([sample_image(3, 40, 48)], t=40)[0].data
+    small = load_codec("tiny", config=CodecConfig(max_pixels=40 * 48 - 1, steps=1))
+    with pytest.raises(BitstreamError, match="48x40 image, outside the limit of 1919 pixels"):
+        small.decode([data])
+    assert tiny_codec.config.max_pixels >= 40 * 48 and tiny_codec.decode([data], steps=1)[0].shape == (40, 48, 3)
+
+
+LONG_FUZZ = 2000  # examples per test below (docs/reliability.md reports the figure)
+
+
+@pytest.mark.slow
+def test_long_fuzz_forged_records_through_the_decoder(tiny_codec):
+    """Bit flips and byte overwrites anywhere in a valid record, CRC re-fixed so they reach the
+    header checks, the entropy decoder and the model: a clear error or a correctly sized image."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hst
+
+    from jobs.samples import sample_image
+    from test_fuzz_bitstream import _check, _fix_crc
+
+    valid = tiny_codec.encode([sample_image(8, 40, 32)], t=30)[0].data
+    seen = {"n": 0}
+
+    @settings(max_examples=LONG_FUZZ, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(hst.lists(hst.tuples(hst.integers(0, len(valid) - 5), hst.integers(0, 255)), min_size=1, max_size=6))
+    def run(edits):
+        b = bytearray(valid)
+        for pos, val in edits:
+            b[pos] = val
+        seen["n"] += 1
+        _check(tiny_codec, _fix_crc(bytes(b)))
+
+    run()
+    assert seen["n"] >= LONG_FUZZ // 2  # hypothesis may stop early only on an exhausted space
+
+
+@pytest.mark.slow
+def test_long_fuzz_random_and_truncated_bytes_parse(tiny_codec):
+    """Random bytes, and valid records cut anywhere, through `bitstream.parse`: BitstreamError each."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as hst
+
+    from codec import bitstream as bs
+    from jobs.samples import sample_image
+
+    valid = tiny_codec.encode([sample_image(9, 32, 32)], t=30)[0].data
+    seen = {"n": 0}
+
+    @settings(max_examples=LONG_FUZZ * 2, deadline=None, database=None)
+    @given(hst.binary(max_size=2048), hst.integers(0, len(valid) - 1))
+    def run(data, cut):
+        seen["n"] += 1
+        for x in (data, b"FDC\x1a\x01" + data, valid[:cut]):
+            with pytest.raises(bs.BitstreamError):
+                bs.parse(x)
+
+    run()
+    assert seen["n"] >= LONG_FUZZ
