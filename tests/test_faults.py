@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -178,9 +179,10 @@ def flaky_s3(tmp_path):
     server.start()
     proxy = PausableProxy(port)
     direct = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")
-    direct.mkdir("flaky")
+    bucket = f"flaky-{uuid.uuid4().hex[:8]}"  # moto's state is per process: every server sees every bucket
+    direct.mkdir(bucket)
     try:
-        yield {"proxy": proxy, "direct": direct,
+        yield {"proxy": proxy, "direct": direct, "bucket": bucket,
                "opts": st.StorageOptions(endpoint_url=proxy.url, key="testing", secret="testing"),
                "direct_opts": st.StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")}
     finally:
@@ -215,18 +217,20 @@ def test_object_store_outage_mid_job_retried_then_whole(tmp_path, flaky_s3, ray_
     is committed. Reads that fall in the outage become 'could not read source' rows, commit
     writes wait it out (storage.with_retries), nothing partial is visible; `--retry-failed`
     then completes the archive."""
-    fs, proxy = flaky_s3["direct"], flaky_s3["proxy"]
+    fs, proxy, b = flaky_s3["direct"], flaky_s3["proxy"], flaky_s3["bucket"]
     expected = make_images(tmp_path / "src", 32, seed=12)
-    _upload(tmp_path / "src", fs, "flaky/src")
-    src, dst = "s3://flaky/src", "s3://flaky/dst"
+    _upload(tmp_path / "src", fs, f"{b}/src")
+    src, dst = f"s3://{b}/src", f"s3://{b}/dst"
     outage: dict = {}
 
     def cut() -> None:
-        if _wait(lambda: _s3_markers(fs, "flaky/dst") >= 1, 240, every=0.2):
-            outage["markers"] = _s3_markers(fs, "flaky/dst")
+        if _wait(lambda: _s3_markers(fs, f"{b}/dst") >= 1, 240, every=0.2):
+            outage["markers"] = _s3_markers(fs, f"{b}/dst")
             proxy.down()
-            time.sleep(15)
-            outage["commits_during"] = _s3_markers(fs, "flaky/dst") - outage["markers"]
+            time.sleep(1)  # a PUT moto already received when the link was cut may still land
+            settled = _s3_markers(fs, f"{b}/dst")
+            time.sleep(14)
+            outage["commits_during"] = _s3_markers(fs, f"{b}/dst") - settled
             proxy.up()
 
     t = threading.Thread(target=cut, daemon=True)
@@ -236,7 +240,7 @@ def test_object_store_outage_mid_job_retried_then_whole(tmp_path, flaky_s3, ray_
         res = compress(cfg, flaky_s3["opts"], **quiet)
     t.join(timeout=60)
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert retries and all("could not write s3://flaky/dst/" in m for m in retries)  # the commit writes waited
+    assert retries and all(f"could not write s3://{b}/dst/" in m for m in retries)  # the commit writes waited
     assert outage.get("markers", 99) < 8, "the job finished before the outage; the test proves nothing"
     assert outage["commits_during"] == 0  # nothing could be committed while the store was away
     tot = res["totals"]
@@ -261,16 +265,16 @@ def test_object_store_gone_for_good_is_a_clear_error_and_nothing_partial(tmp_pat
     once the store is back finishes the archive with each key once."""
     monkeypatch.setattr(st, "WRITE_ATTEMPTS", 2)  # bounded either way; 2 keeps the test short
     monkeypatch.setattr(st, "WRITE_BACKOFF_S", 0.5)
-    fs, proxy = flaky_s3["direct"], flaky_s3["proxy"]
+    fs, proxy, b = flaky_s3["direct"], flaky_s3["proxy"], flaky_s3["bucket"]
     expected = make_images(tmp_path / "src", 16, seed=13)
-    _upload(tmp_path / "src", fs, "flaky/src")
-    src, dst = "s3://flaky/src", "s3://flaky/dst"
+    _upload(tmp_path / "src", fs, f"{b}/src")
+    src, dst = f"s3://{b}/src", f"s3://{b}/dst"
     cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=4, rows_per_batch=4)
-    cut = threading.Thread(target=lambda: _wait(lambda: _s3_markers(fs, "flaky/dst") >= 1, 240, every=0.02) and proxy.down(),
+    cut = threading.Thread(target=lambda: _wait(lambda: _s3_markers(fs, f"{b}/dst") >= 1, 240, every=0.02) and proxy.down(),
                            daemon=True)
     cut.start()
     t0 = time.time()
-    with pytest.raises(OSError, match=r"could not write s3://flaky/dst/.* after 2 attempts .*Rerun the job to resume"):
+    with pytest.raises(OSError, match=rf"could not write s3://{b}/dst/.* after 2 attempts .*Rerun the job to resume"):
         compress(cfg, flaky_s3["opts"], use_ray=False, **quiet)  # inline: the driver itself meets the outage
     took = time.time() - t0
     cut.join(timeout=10)
@@ -289,8 +293,13 @@ def test_object_store_gone_for_good_is_a_clear_error_and_nothing_partial(tmp_pat
 # ---------------------------------------------------------------- credentials stay secret
 @pytest.mark.slow
 def test_credentials_never_in_logs_or_outputs(tmp_path, s3_server, s3_bucket):
-    """A real `fcodec compress` subprocess against moto with a distinctive secret: the secret
-    and the access key id appear in no output object and not in stdout/stderr."""
+    """A real `fcodec compress` subprocess on its own local Ray against moto, with a distinctive
+    secret and access key id: neither appears in stdout/stderr, in any output object, nor in any
+    file Ray wrote (worker logs, session files) -- the storage options travel to the read tasks
+    pickled, and their repr hides the secrets."""
+    import shutil
+    import tempfile
+
     import s3fs
 
     secret, key_id = "SeCrEt-Do-Not-Print-7f3a9c", "AKIDDISTINCTIVE42"
@@ -298,21 +307,29 @@ def test_credentials_never_in_logs_or_outputs(tmp_path, s3_server, s3_bucket):
     make_corrupt(tmp_path / "src")  # failure rows carry error text: it must not leak either
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     fs.put(str(tmp_path / "src") + "/", f"{s3_bucket[5:]}/src/", recursive=True)
-    env = {**os.environ, **s3_server["env"], "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id}
+    ray_tmp = tempfile.mkdtemp(prefix="rcred-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, **s3_server["env"], "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id,
+           "RAY_TMPDIR": ray_tmp}
     cmd = [sys.executable, "-m", "jobs.cli", "compress", f"{s3_bucket}/src", f"{s3_bucket}/dst", "--backbone", "tiny",
-           "--no-ray", "--shard-size", "4", "--no-progress", "--debug"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    vout = subprocess.run([sys.executable, "-m", "jobs.cli", "verify", f"{s3_bucket}/dst", "--json"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert vout.returncode == 0, vout.stdout[-2000:] + vout.stderr[-2000:]
+           "--workers", "1", "--shard-size", "4", "--no-progress", "--debug"]
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-2000:]
+        vout = subprocess.run([sys.executable, "-m", "jobs.cli", "verify", f"{s3_bucket}/dst", "--json"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert vout.returncode == 0, vout.stdout[-2000:] + vout.stderr[-2000:]
+        ray_files = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and not p.is_socket()]
+        ray_bytes = b"".join(p.read_bytes() for p in ray_files if p.stat().st_size < 50 << 20)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     logs = out.stdout + out.stderr + vout.stdout + vout.stderr
     assert "config: " in out.stdout and '"credentials": "from environment"' in out.stdout  # the config IS printed ...
     objects = fs.find(f"{s3_bucket[5:]}/dst")
     assert any(o.endswith("_manifest.json") for o in objects) and len(objects) >= 5
+    assert len(ray_files) > 10  # Ray did write its logs there
     blobs = b"".join(fs.cat(o) for o in objects)
-    for s in (secret, key_id):  # ... without the secrets, and no output object holds them
-        assert s not in logs and s.encode() not in blobs
+    for s in (secret, key_id):  # ... without the secrets, and no output object or Ray log holds them
+        assert s not in logs and s.encode() not in blobs and s.encode() not in ray_bytes
 
 
 # ---------------------------------------------------------------- hostile records: caps and a longer fuzz
