@@ -44,7 +44,7 @@ class TrainConfig:
     denoise: bool = True  # one UNet step x_t -> x̂₀ before measuring distortion; False: ẑ itself
     train_estimator: bool = True  # False: γ = (channel mean, 1), t ~ U(t_range); rate-only training
     t_range: tuple[float, float] = (T_MIN, T_MAX)
-    z_warmup: int = 200  # steps over which the side latent's bits ramp from free to full price
+    z_warmup: int = 200  # steps over which the side latent's bits ramp from free to full price (logged bpp too)
     hidden: int = 64  # hyperprior width
     z_channels: int = 8  # hyperprior side-latent width
     estimator_hidden: int = 32

@@ -67,7 +67,11 @@ class TrainJob:
 
 # ---------------------------------------------------------------- data
 def _worker_images(data: str, rank: int, world: int, opts: StorageOptions | None = None) -> list[bytes]:
-    """This worker's share of the source image bytes: every world-th input in sorted order."""
+    """This worker's share of the source image bytes: every world-th input in sorted order.
+
+    The (compressed) bytes stay in memory for the run; for datasets larger than the workers'
+    memory, train from a latent cache (`build_latent_cache`, ~1/24 of the raw pixels).
+    """
     inputs, _ = list_inputs(data, opts)
     out: list[bytes] = []
     files = [x for x in inputs if x[2] == "files"][rank::world]
