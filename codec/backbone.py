@@ -109,8 +109,8 @@ class Backbone:
             local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         src = str(path) if is_dir else id_or_dir
         try:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=local_files_only)
-            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", local_files_only=local_files_only)
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=local_files_only, low_cpu_mem_usage=False)
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", local_files_only=local_files_only, low_cpu_mem_usage=False)
             sched = DDIMScheduler.from_pretrained(src, subfolder="scheduler", local_files_only=local_files_only)
         except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError variously
             raise BackboneError(
