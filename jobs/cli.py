@@ -57,17 +57,11 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
     if sp is None:
         return args
     if args.config:
-        from .compress import load_config_file
         from pipeline.storage import StorageOptions
 
-        values = load_config_file(args.config, StorageOptions.from_env())
-        known = {a.dest for a in sp._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown options {unknown}")
-        for k, v in values.items():
-            if getattr(args, k, None) == sp.get_default(k):
-                setattr(args, k, v)
+        from .compress import fill_from_config
+
+        fill_from_config(args, sp, StorageOptions.from_env())
     missing = [d.upper() for d in args._config_required if getattr(args, d, None) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (give it on the command line or in --config)")

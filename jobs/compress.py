@@ -66,20 +66,25 @@ def load_config_file(path: str, opts=None) -> dict:
     return flat
 
 
+def fill_from_config(args: argparse.Namespace, parser: argparse.ArgumentParser, opts=None) -> None:
+    """Set every option still at its default from the file args.config names (flags win);
+    unknown keys are an error, so a typo in a scheduled job's config never passes silently."""
+    values = load_config_file(args.config, opts)
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{args.config}: unknown options {unknown}")
+    for k, v in values.items():
+        if getattr(args, k, None) == parser.get_default(k):
+            setattr(args, k, v)
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill options not given on the command line from --config (flags win over the file)."""
-    parser = args._parser
     if getattr(args, "config", None):
         from pipeline.storage import StorageOptions
 
-        values = load_config_file(args.config, StorageOptions.from_env(args.s3_endpoint, args.s3_region, args.anon))
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown options {unknown}")
-        for k, v in values.items():
-            if getattr(args, k, None) == parser.get_default(k):
-                setattr(args, k, v)
+        fill_from_config(args, args._parser, StorageOptions.from_env(args.s3_endpoint, args.s3_region, args.anon))
     if not args.src or not args.dst:
         raise ValueError("give SRC and DST (on the command line or as src/dst in --config)")
     return args
