@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     sections = set(args.sections.split(","))
     res: dict = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                              "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-                 "params": vars(args).copy(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    res["params"].pop("_run", None)
+                 "params": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     imgs = [sample_image(i, args.size, args.size) for i in range(4)]
 
     if "stages" in sections:
