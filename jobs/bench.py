@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     p.add_argument("--t", type=int, default=100)
     p.add_argument("--steps", type=int, default=4, help="DDIM steps in the decode stages (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="images per actor call / loop batch (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="images per actor call / loop batch, as compress --rows-per-batch (default: %(default)s)")
     p.add_argument("--shared", default=None, help="folder with models/taesd (default: ../shared beside the repo)")
     p.add_argument("--sections", default="stages,pipeline,scaling,memory,gpu",
                    help="comma list of sections to run (default: %(default)s)")

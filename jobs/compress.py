@@ -25,7 +25,7 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", choices=["auto", "off"], default="auto", help="auto: one actor per GPU when the cluster has GPUs")
     g.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per actor, fractions allowed (default: %(default)s)")
     g.add_argument("--read-cpus", type=float, default=0.5, help="CPUs per read task (default: %(default)s)")
-    g.add_argument("--rows-per-batch", type=int, default=16, help="images per actor call (default: %(default)s)")
+    g.add_argument("--rows-per-batch", type=int, default=32, help="images per actor call; larger amortizes Ray's per-call cost (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=256, help="image files per output shard (default: %(default)s)")
     g.add_argument("--max-shards", type=int, default=None, help="stop after N shards (a rerun continues)")
     g.add_argument("--retry-failed", action="store_true", help="redo only the rows that failed in committed shards")

@@ -49,7 +49,7 @@ class JobConfig:
     dst: str
     codec: dict = field(default_factory=dict)  # see actors.load_codec_from_spec
     shard_size: int = 256  # image files per shard (tar and Parquet inputs: one shard per file)
-    rows_per_batch: int = 16  # rows per actor call
+    rows_per_batch: int = 32  # rows per actor call; Ray costs ~0.3 s per call on 2 CPUs (docs/performance.md)
     workers: int | None = None  # actors; default one per GPU, else half the CPUs
     actor_cpus: float = 1.0  # CPUs reserved per actor (fractional is fine)
     read_cpus: float = 0.5  # CPUs per read task
