@@ -13,6 +13,8 @@ for var, sub in (("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "mpl"), ("FCODEC_CACH
     os.environ.setdefault(var, str(_CACHE / sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60 turns token auth on for local clusters and writes ~/.ray/auth_token; tests keep out of $HOME.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
