@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -60,19 +59,11 @@ def codec_from_args(args: argparse.Namespace):
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a local file so readers never see half of it (pipeline.storage.write_atomic)."""
+    from pipeline.storage import get_fs, write_atomic
+
+    fs, p = get_fs(str(Path(path).resolve()))
+    write_atomic(fs, p, data)
 
 
 def run_guarded(fn, args: argparse.Namespace) -> int:

@@ -124,16 +124,12 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         d = posixpath.dirname(path)
         os.makedirs(d or ".", exist_ok=True)
         tmp = posixpath.join(d, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with open(tmp, "wb") as f:
+
+        def write(p: str) -> None:
+            with open(p, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        _replace_atomically(tmp, path, write)
     else:
         def put() -> None:
             with fs.open(path, "wb") as f:
@@ -171,6 +167,19 @@ def with_retries(fn, what: str, attempts: int | None = None, backoff_s: float | 
             time.sleep(backoff_s * 2**i)
 
 
+def _replace_atomically(tmp: str, final: str, write) -> None:
+    """Local files: write(tmp), fsync, rename over `final`; the temp file never outlives a failure."""
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(fs, path: str, obj: Any) -> None:
     write_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
@@ -185,15 +194,7 @@ def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, **write_kwar
         tmp_dir = join(root, TMP)
         os.makedirs(tmp_dir, exist_ok=True)
         tmp = join(tmp_dir, f"{name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            pq.write_table(table, tmp, **write_kwargs)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _replace_atomically(tmp, final, lambda p: pq.write_table(table, p, **write_kwargs))
     else:
         def put() -> None:
             with fs.open(final, "wb") as f:
