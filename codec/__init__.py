@@ -4,12 +4,28 @@
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .backbone import Backbone, BackboneError
-from .bitstream import BitstreamError
 from .images import ImageError, LoadedImage, load_image, to_png
-from .model import CODEC_VERSION, CodecConfig, CodecError, DiffusionCodec, Encoded, psnr
+
+if TYPE_CHECKING:
+    from .backbone import Backbone, BackboneError
+    from .bitstream import BitstreamError
+    from .model import CODEC_VERSION, CodecConfig, CodecError, DiffusionCodec, Encoded, psnr
+
+# torch and diffusers load on first use, so processes that only decode images (the pipeline's
+# transform tasks) start in milliseconds instead of seconds.
+_LAZY = {"Backbone": "backbone", "BackboneError": "backbone", "BitstreamError": "bitstream",
+         **dict.fromkeys(("CODEC_VERSION", "CodecConfig", "CodecError", "DiffusionCodec", "Encoded", "psnr"), "model")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'codec' has no attribute {name!r}")
+
 
 NANO_DIR = Path(__file__).parent / "weights" / "nano"
 
@@ -21,6 +37,8 @@ def default_backbone() -> str:
 
 def load_backbone(spec: str = "tiny", vae: str | None = None, device: str | None = None) -> Backbone:
     """Resolve a backbone spec: `tiny`, `nano`, a hub id or a snapshot folder; optional TAESD VAE."""
+    from .backbone import Backbone, BackboneError
+
     if spec == "tiny":
         bb = Backbone.tiny(0)
     elif spec == "nano":
@@ -46,6 +64,8 @@ def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "s
                codec_weights: str | None = None, device: str | None = None,
                config: CodecConfig | None = None) -> DiffusionCodec:
     """Build a ready codec (entropy tables updated) from CLI-style options."""
+    from .model import CodecConfig, DiffusionCodec
+
     bb = load_backbone(backbone, vae, device)
     config = config or CodecConfig()
     if codec_weights:

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -172,6 +171,14 @@ class Backbone:
         finally:
             log.setLevel(level)
         self.prompt_embeds = self.prompt_embeds.to(device=device, dtype=dtype or self.prompt_embeds.dtype)
+        return self
+
+    def set_channels_last(self, enabled: bool = True) -> "Backbone":
+        """Store conv weights channels-last (NHWC): faster convolutions on CPU (oneDNN) and on
+        GPU tensor cores; values, and so the fingerprint, are unchanged."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.vae.to(memory_format=fmt)
+        self.unet.to(memory_format=fmt)
         return self
 
     @property

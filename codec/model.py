@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,12 @@ class CodecConfig:
     # float32 kernels differ by ~1e-6 between batch sizes, enough to flip a rare rounded pixel.
     precision: str = "float32"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Entropy coding in a side thread, overlapping the model's next batch (the bytes are the
+    # same either way: the entropy path is per image and integer-exact).
+    overlap_entropy: bool = True
+    # Conv weights channels-last (faster on CPU and GPU). None: on, except in float64 ("exact")
+    # mode, whose promise of identical pixels everywhere keeps the one plain layout.
+    channels_last: bool | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -83,6 +91,7 @@ class DiffusionCodec:
         if prec not in PRECISIONS:
             raise CodecError(f"unknown precision '{prec}' (choose exact, {', '.join(PRECISIONS)})")
         backbone.to(backbone.device, PRECISIONS[prec])
+        backbone.set_channels_last(self.config.channels_last if self.config.channels_last is not None else prec != "float64")
         if entropy_model is None:
             if self.config.entropy not in ENTROPY_MODELS:
                 raise CodecError(f"unknown entropy model '{self.config.entropy}' (choose {', '.join(ENTROPY_MODELS)})")
@@ -117,12 +126,18 @@ class DiffusionCodec:
         target_bpp = target_bpp if target_bpp is not None else self.config.target_bpp
         items = [im if isinstance(im, LoadedImage) else LoadedImage(np.asarray(im)) for im in images]
         out: list = [None] * len(items)
-        for idx_group, z in self._latents(items, out):
+
+        def code(idx_group: list[int], z: torch.Tensor) -> None:
             for i, zi in zip(idx_group, z):
                 try:
                     out[i] = self._encode_latent(zi, items[i], t, target_bpp)
                 except Exception as e:  # one bad image fails alone
                     out[i] = e
+
+        # Entropy coding (CPU) of one batch runs while the model encodes the next.
+        with _side_thread(self.config.overlap_entropy) as pool:
+            for f in [pool.submit(code, g, z) for g, z in self._latents(items, out)]:
+                f.result()
         if errors == "raise":
             for r in out:
                 if isinstance(r, Exception):
@@ -263,19 +278,31 @@ class DiffusionCodec:
         """
         steps = self.config.steps if steps is None else int(steps)
         out: list = [None] * len(records)
-        ready: dict[tuple[int, int, int], list[tuple[int, bs.Record, torch.Tensor]]] = {}
+        groups: dict[tuple[int, int, int], list[tuple[int, bs.Record]]] = {}
         for i, data in enumerate(records):
             try:
                 rec = self.parse(data)
-                z_hat = self.decode_latent(rec)
-                k = min(steps, rec.t)
-                ready.setdefault((rec.latent_h, rec.latent_w, k), []).append((i, rec, z_hat))
+                groups.setdefault((rec.latent_h, rec.latent_w, min(steps, rec.t)), []).append((i, rec))
             except Exception as e:
                 out[i] = e
         bsz = max(1, self.config.batch_size)
-        for (_, _, k), group in ready.items():
-            for s in range(0, len(group), bsz):
-                part = group[s : s + bsz]
+        batches = [(k, group[s : s + bsz]) for (_, _, k), group in groups.items() for s in range(0, len(group), bsz)]
+
+        def latents(part: list[tuple[int, bs.Record]]) -> list[tuple[int, bs.Record, torch.Tensor]]:
+            ok = []
+            for i, rec in part:
+                try:
+                    ok.append((i, rec, self.decode_latent(rec)))
+                except Exception as e:  # one bad record fails alone
+                    out[i] = e
+            return ok
+
+        # Entropy decoding (CPU) of the next batch runs while the model denoises this one.
+        with _side_thread(self.config.overlap_entropy) as pool:
+            for k, fut in [(k, pool.submit(latents, part)) for k, part in batches]:
+                part = fut.result()
+                if not part:
+                    continue
                 z = torch.stack([g[2] for g in part])
                 ts = torch.tensor([g[1].t for g in part], dtype=torch.long)
                 x0 = denoise(self.backbone, z.to(self.backbone.device, self.backbone.dtype), ts, k)
@@ -339,6 +366,29 @@ class DiffusionCodec:
         if "lam" in cfg and config.lam == CodecConfig.lam:
             config.lam = float(cfg["lam"])
         return cls(backbone, ent, est, config)
+
+
+class _Inline:
+    """The executor interface, run on the calling thread (overlap_entropy=False)."""
+
+    def submit(self, fn, *args):
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:  # surfaced by result(), as a pool would
+            f.set_exception(e)
+        return f
+
+
+@contextmanager
+def _side_thread(enabled: bool):
+    """One worker thread for CPU entropy work (torch and numpy release the GIL while the model
+    runs), or inline execution when disabled."""
+    if not enabled:
+        yield _Inline()
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fcodec-entropy") as pool:
+        yield pool
 
 
 def _to_tensor(px: np.ndarray, ph: int, pw: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ with status 'failed' and a one-line error; they never stop the audit.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field

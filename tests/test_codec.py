@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from codec import CodecError, load_image
@@ -110,3 +111,48 @@ def test_errors_returned_in_place(tiny_codec, sample_images):
     assert isinstance(out[1], bs.BitstreamError) and isinstance(out[2], bs.BitstreamError)
     enc = tiny_codec.encode([sample_images[0], np.zeros((4, 4), np.uint8)], t=50, errors="return")
     assert enc[0].t == 50 and isinstance(enc[1], CodecError)
+
+
+def test_speed_options_keep_the_bytes_and_the_pixels(sample_images):
+    """Overlapped entropy coding changes nothing; channels-last weights change no symbol a
+    decoder reads and move decoded pixels by at most one level (float32), and the fingerprint
+    (the weights' identity) is the same."""
+    from codec import CodecConfig, load_codec
+
+    imgs = sample_images * 3  # 12 images in 3 size buckets, batches of 2: several batches to overlap
+    plain = load_codec("tiny", config=CodecConfig(batch_size=2, overlap_entropy=False, channels_last=False))
+    fast = load_codec("tiny", config=CodecConfig(batch_size=2, overlap_entropy=True, channels_last=True))
+    assert plain.backbone.fingerprint() == fast.backbone.fingerprint() and plain.fingerprint() == fast.fingerprint()
+    convs = [p for p in fast.backbone.vae.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    overlap_only = load_codec("tiny", config=CodecConfig(batch_size=2, overlap_entropy=True, channels_last=False))
+    a = [e.data for e in plain.encode(imgs, t=60)]
+    assert [e.data for e in overlap_only.encode(imgs, t=60)] == a  # same bytes, byte for byte
+    bad = a[:5] + [a[5][:-4]] + a[6:]
+    px_plain = plain.decode(bad, steps=2, errors="return")
+    px_overlap = overlap_only.decode(bad, steps=2, errors="return")
+    px_fast = fast.decode(bad, steps=2, errors="return")
+    for i, (p, o, f) in enumerate(zip(px_plain, px_overlap, px_fast)):
+        if i == 5:  # the truncated record fails alone, whichever thread decoded it
+            assert isinstance(p, bs.BitstreamError) and isinstance(o, bs.BitstreamError) and isinstance(f, bs.BitstreamError)
+            continue
+        assert np.array_equal(p, o)
+        assert np.abs(p.astype(int) - f.astype(int)).max() <= 1
+
+
+def test_exact_mode_keeps_the_plain_memory_layout():
+    from codec import CodecConfig, load_codec
+
+    conv = lambda c: next(p for p in c.backbone.unet.parameters() if p.dim() == 4)  # noqa: E731
+    assert conv(load_codec("tiny", config=CodecConfig(precision="exact"))).is_contiguous()
+    assert conv(load_codec("tiny")).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_importing_image_io_does_not_load_torch():
+    """The pipeline's image-decoding tasks import codec.images: they must start fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, codec.images; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
