@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from .schema import BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from .storage import StorageOptions, get_fs, join, safe_key_path, write_atomic
+from .transform import decoded_image
 
 # Codec loads in this process: tests and the manifest use it to prove "once per actor".
 CODEC_LOADS = 0
@@ -136,7 +137,10 @@ class EncodeActor:
         return _table(self.encode_rows(rows_of(batch)), BITSTREAM_SCHEMA)
 
     def encode_rows(self, rows: list[dict]) -> list[dict]:
-        """Input rows {key, source_uri, data, read_error, _...} -> bitstream rows (same order)."""
+        """Input rows {key, source_uri, data, read_error, _...} -> bitstream rows (same order).
+
+        Rows may instead carry decoded pixels from the transform stage (`pixels`, `px_h`,
+        `px_w`, `gray`, `alpha`, `source_sha256`, `decode_error`) in place of `data`."""
         from codec import load_image
 
         out: list[dict | None] = [None] * len(rows)
@@ -148,16 +152,26 @@ class EncodeActor:
             if r.get("_sentinel"):
                 out[i] = base
                 continue
-            data = r.get("data")
-            if data is None:
-                out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
-                continue
-            base.update(source_sha256=sha256_hex(data), _source_bytes=len(data))
-            try:
-                img = load_image(data, max_pixels=self.codec.config.max_pixels)
-            except Exception as e:  # ImageError and anything a hostile file provokes
-                out[i] = _failed(base, _clean(f"not a usable image: {e}"))
-                continue
+            if "pixels" in r:  # decoded by the transform stage (pipeline/transform.py)
+                if r.get("source_sha256") is None:
+                    out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
+                    continue
+                base.update(source_sha256=r["source_sha256"], _source_bytes=r.get("_source_bytes"))
+                if r.get("pixels") is None:
+                    out[i] = _failed(base, _clean(f"not a usable image: {r.get('decode_error')}"))
+                    continue
+                img = decoded_image(r)
+            else:  # source bytes: hash and decode here
+                data = r.get("data")
+                if data is None:
+                    out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
+                    continue
+                base.update(source_sha256=sha256_hex(data), _source_bytes=len(data))
+                try:
+                    img = load_image(data, max_pixels=self.codec.config.max_pixels)
+                except Exception as e:  # ImageError and anything a hostile file provokes
+                    out[i] = _failed(base, _clean(f"not a usable image: {e}"))
+                    continue
             h, w = img.pixels.shape[:2]
             base.update(width=w, height=h)
             out[i] = base

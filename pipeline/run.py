@@ -4,6 +4,7 @@ Graph (Ray Data, streaming):
 
     from_items(one row per pending shard)
       -> map_batches(read_*, tasks, fractional CPU)      source bytes in chunks + a sentinel per shard
+      -> map_batches(decode_sources, tasks)               compress, GPU actors: image bytes -> pixels (transform.py)
       -> map_batches(EncodeActor | DecodeActor, ActorPoolStrategy: one actor per GPU, else CPU actors)
       -> driver: collect rows per shard; when a shard's sentinel and all its rows are in:
          write part-<shard>.parquet (temp + rename), then _commits/<shard>.json (the commit)
@@ -31,6 +32,7 @@ from .actors import DecodeActor, EncodeActor, normalize_codec
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED,
                      parquet_write_kwargs)
 from .sources import Shard, list_inputs, plan_shards, read_shard
+from .transform import decode_sources
 
 READ_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("data", pa.large_binary()),
                          ("read_error", pa.string()), ("_shard", pa.string()), ("_sentinel", pa.bool_()),
@@ -60,6 +62,11 @@ class JobConfig:
     format: str = "png"  # decompress: png files under DST, or parquet of PNG bytes
     actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
+    # compress: decode images in the read tasks, overlapping the actors' model compute (True),
+    # or inside the actors (False). None: in the read tasks when the actors have GPUs (the GPU is
+    # the bottleneck, CPUs are spare); inside the actors when they are CPU actors (the CPUs are
+    # the bottleneck either way, and the extra hop of raw pixels measured slower: performance.md).
+    decode_stage: bool | None = None
 
     def public(self) -> dict:
         return asdict(self)
@@ -107,17 +114,16 @@ def pool_plan(cfg: JobConfig, est_batches: int) -> dict:
 
 
 def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs: dict, cfg: JobConfig,
-             use_ray: bool, est_rows: int, info: dict) -> Iterator[pa.Table]:
-    """Run read -> actor over `items` (one per shard); yields the actor's output tables."""
+             use_ray: bool, est_rows: int, info: dict, transform_fn: Callable | None = None) -> Iterator[pa.Table]:
+    """Run read [-> transform] -> actor over `items` (one per shard); yields the actor's output tables."""
     if not use_ray:
         actor = actor_cls(**actor_kwargs)
-        info["pool"] = {"size": 1, "device": "inline"}
+        transform_fn = transform_fn if cfg.decode_stage else None
+        info["pool"] = {"size": 1, "device": "inline", "decode_stage": transform_fn is not None}
         for item in items:
             for t in read_fn({"work": [item["work"]]}):
-                yield actor(t)
+                yield actor(transform_fn(t) if transform_fn else t)
         return
-    import ray
-
     _quiet_ray_data()
     from ray.data import DataContext
 
@@ -125,17 +131,33 @@ def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs
     # first batch on, and a cluster too small for the pool fails with a clear timeout, not a hang.
     DataContext.get_current().wait_for_min_actors_s = cfg.actor_start_timeout_s
     plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))) if est_rows else 1 << 30)
+    if transform_fn is not None and not (cfg.decode_stage if cfg.decode_stage is not None else plan["device"] == "gpu"):
+        transform_fn = None
+    plan["decode_stage"] = transform_fn is not None
     info["pool"] = plan
+    ds = build_dataset(items, read_fn, transform_fn, actor_cls, actor_kwargs, cfg, plan)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def build_dataset(items: list[dict], read_fn: Callable, transform_fn: Callable | None, actor_cls: type,
+                  actor_kwargs: dict, cfg: JobConfig, plan: dict):
+    """The Ray Data graph: read [-> decode] tasks -> actor pool (lazy; nothing runs yet)."""
+    import ray
+
     spec = dict(actor_kwargs["spec"])
     spec.setdefault("threads", max(1, int(round(plan["num_cpus"]))))
     actor_kwargs = {**actor_kwargs, "spec": spec}
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_fn, batch_size=1, num_cpus=cfg.read_cpus, batch_format="pyarrow")
+    # Ray fuses map stages whose remote args are equal, a task stage into an actor stage too: equal
+    # CPUs would pull the reads into the actors (serial with the model), so keep them apart.
+    read_cpus = cfg.read_cpus if plan["num_gpus"] or cfg.read_cpus != plan["num_cpus"] else cfg.read_cpus * 0.99
+    ds = ds.map_batches(read_fn, batch_size=1, num_cpus=read_cpus, batch_format="pyarrow")
+    if transform_fn is not None:  # image decoding, fused into the read tasks (same remote args)
+        ds = ds.map_batches(transform_fn, batch_size=None, num_cpus=read_cpus, batch_format="pyarrow")
     kw = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}
-    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.rows_per_batch,
-                        compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
-                        batch_format="pyarrow", **kw)
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    return ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.rows_per_batch,
+                          compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+                          batch_format="pyarrow", **kw)
 
 
 class ShardCollector:
@@ -173,6 +195,37 @@ class ShardCollector:
                 done.append((s, pa.concat_tables(parts) if parts else None))
                 del self.expected[s]
         return done, rows.num_rows
+
+
+def steady_rate(arrivals: list[tuple[float, int]], min_arrivals: int = 4) -> float | None:
+    """Rows per second after start-up: the rows after the first arrival over the time from it to
+    the last (arrivals are (time, rows) pairs). Conservative: the transient right after the first
+    output (read tasks' processes starting) stays in. None with too few arrivals to mean anything."""
+    if len(arrivals) < min_arrivals:
+        return None
+    rows = sum(n for _, n in arrivals[1:])
+    dt = arrivals[-1][0] - arrivals[0][0]
+    return rows / dt if rows and dt > 0 else None
+
+
+class Throughput:
+    """Arrival times of output rows at the driver: start-up latency and steady-state rate.
+
+    Outputs reach the driver a shard at a time (Ray buffers a task's output into blocks), so
+    the steady rate (`steady_rate`) needs a few shards to mean anything.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.arrivals: list[tuple[float, int]] = []
+
+    def add(self, n: int) -> None:
+        if n:
+            self.arrivals.append((time.perf_counter(), n))
+
+    def stats(self) -> dict:
+        first = round(self.arrivals[0][0] - self.t0, 3) if self.arrivals else None
+        return {"first_output_s": first, "steady_images_per_s": steady_rate(self.arrivals)}
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
@@ -294,11 +347,14 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     by_id = {w["id"]: w for w in work}
     items = [{"work": json.dumps(w)} for w in work]
     read_fn = _partial(read_sources, opts=opts, image_column=cfg.image_column)
+    transform_fn = _partial(decode_sources, max_pixels=normalize_codec(cfg.codec).get("max_pixels"))
     bar = _progress(est or None, "compress", progress)
     t_start = time.perf_counter()
+    rate = Throughput()
     try:
-        for table in (_execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info) if work else []):
+        for table in (_execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info, transform_fn) if work else []):
             done, n = col.add(table)
+            rate.add(n)
             bar.update(n)
             for sid, rows in done:
                 stats = _commit_compressed(fs, root, sid, rows, by_id[sid], committed.get(sid), cfg)
@@ -317,7 +373,7 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
                  "input_bytes": run["input_bytes"], "output_bytes": run["output_bytes"],
                  "ratio": run["input_bytes"] / run["output_bytes"] if run["output_bytes"] else None,
                  "mean_bpp": run["bpp_sum"] / run["ok"] if run["ok"] else None, "seconds": round(wall, 3),
-                 "images_per_s": run["rows"] / wall if wall > 0 and run["rows"] else None,
+                 "images_per_s": run["rows"] / wall if wall > 0 and run["rows"] else None, **rate.stats(),
                  "skipped_committed_shards": n_skip, "workers": col.workers, "pool": info.get("pool"),
                  "failures": [{"key": k, "error": e} for k, e in failures[:100]]}
     manifest = {"kind": "foundation-codec bitstream dataset", "format": 1, "columns": BITSTREAM_SCHEMA.names,
@@ -369,10 +425,12 @@ def _print_summary(verb: str, run: dict, tot: dict, failures: list, dst: str, ec
     ratio = f", ratio {run['ratio']:.1f}:1" if run.get("ratio") else ""
     bpp = f", mean bpp {run['mean_bpp']:.4f}" if run.get("mean_bpp") is not None else ""
     ips = f"{run['images_per_s']:.1f}" if run.get("images_per_s") else "-"
+    steady = (f"; start-up {run['first_output_s']:.1f} s, then {run['steady_images_per_s']:.1f} images/s"
+              if run.get("steady_images_per_s") else "")
     echo(f"{verb} {run['rows']} images: {run['ok']} ok, {run['failed']} failed"
          + (f", {run['skipped']} skipped" if run.get("skipped") else "")
          + f"; input {mb(run['input_bytes'])}, output {mb(run['output_bytes'])}{ratio}{bpp}, "
-         f"{ips} images/s ({run['seconds']:.1f} s) -> {dst}")
+         f"{ips} images/s ({run['seconds']:.1f} s{steady}) -> {dst}")
     echo(f"dataset: {tot['shards']} shards, {tot['rows']} rows ({tot['ok']} ok, {tot['failed']} failed"
          + (f", {tot['skipped']} skipped)" if tot.get("skipped") else ")"))
     for k, e in failures[:5]:
@@ -450,10 +508,12 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     by_id = {w["id"]: w for w in work}
     bar = _progress(est or None, "decompress", progress)
     t_start = time.perf_counter()
+    rate = Throughput()
     try:
         items = [{"work": json.dumps(w)} for w in work]
         for table in (_execute(items, _partial(read_bitstreams, opts=opts), DecodeActor, kwargs, cfg, use_ray, est, info) if work else []):
             got, n = col.add(table)
+            rate.add(n)
             bar.update(n)
             for sid, rows in got:
                 stats = _commit_decoded(dfs, droot, sid, rows, by_id[sid], done.get(sid), src_shards[sid], cfg)
@@ -469,7 +529,7 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     done = st.committed_shards(dfs, droot)
     tot = _totals(done)
     run_stats = {**run, "seconds": round(wall, 3), "images_per_s": run["rows"] / wall if wall > 0 and run["rows"] else None,
-                 "ratio": None, "mean_bpp": None, "workers": col.workers, "pool": info.get("pool"),
+                 **rate.stats(), "ratio": None, "mean_bpp": None, "workers": col.workers, "pool": info.get("pool"),
                  "failures": [{"key": k, "error": e} for k, e in failures[:100]]}
     manifest = {"kind": "foundation-codec decoded dataset", "format": cfg.format, "source": cfg.src,
                 "complete": all(sid in done for sid in src_shards), "totals": tot, "config": cfg.public(),

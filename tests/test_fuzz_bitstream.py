@@ -4,7 +4,6 @@ image — never another exception, a crash or a hang."""
 import struct
 import zlib
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

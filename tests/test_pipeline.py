@@ -196,6 +196,76 @@ def _read(dst) -> pa.Table:
     return st.read_dataset(str(dst))
 
 
+def test_transform_stage_decodes_outside_the_actor_with_the_same_rows(tmp_path, encoder):
+    from pipeline.transform import decode_sources
+
+    src = tmp_path / "src"
+    good = make_images(src, 5)
+    bad = make_corrupt(src)
+    shard = plan_shards(list_inputs(str(src))[0], 100)[0]
+    from pipeline.run import read_sources
+
+    item = {"id": shard.id, "kind": shard.kind, "uris": list(shard.uris), "keys": list(shard.keys), "size": shard.size}
+    tables = list(read_sources({"work": [json.dumps(item)]}))
+    assert tables[-1].column("_sentinel").to_pylist() == [True]
+    raw = pa.concat_tables(tables)
+    dec = decode_sources(raw)
+    assert "data" not in dec.column_names and dec.num_rows == raw.num_rows == len(good) + len(bad) + 1
+    rows = {r["key"]: r for r in dec.to_pylist()}
+    for k, (h, w) in good.items():
+        assert (rows[k]["px_h"], rows[k]["px_w"]) == (h, w) and len(rows[k]["pixels"]) == h * w * 3
+    assert rows["truncated.png"]["pixels"] is None and "truncated" in rows["truncated.png"]["decode_error"]
+    assert rows[""]["_sentinel"] and rows[""]["pixels"] is None  # the sentinel passes through
+    # The actor turns decoded rows into exactly the rows it makes from source bytes.
+    via_stage = {r["key"]: r for r in encoder(dec).to_pylist()}
+    direct = {r["key"]: r for r in encoder(raw).to_pylist()}
+    for k in set(good) | set(bad):
+        for col in ("status", "error", "bitstream", "source_sha256", "width", "height", "_source_bytes"):
+            assert via_stage[k][col] == direct[k][col], (k, col)
+    assert sum(r["status"] == "ok" for r in via_stage.values()) == len(good)
+
+
+def test_transform_stage_respects_the_pixel_cap(tmp_path):
+    from pipeline.transform import decode_sources
+
+    t = pa.table({"key": ["big.png"], "data": [png_of(1, 64, 64)], "_sentinel": [False]})
+    out = decode_sources(t, max_pixels=1000).to_pylist()[0]
+    assert out["pixels"] is None and "exceeds the cap of 1000 pixels" in out["decode_error"]
+    assert out["source_sha256"] == actors.sha256_hex(t.column("data")[0].as_py()) and out["_source_bytes"] > 0
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_reads_stay_out_of_the_actors_and_decoding_goes_where_configured(ray_local, capsys, gpus):
+    """Ray fuses map stages with equal remote args, a task stage into an actor pool too: with
+    equal CPUs per read task and per actor the reads would run inside the actors, serially with
+    the model. The graph must keep them apart; image decoding rides in the read tasks."""
+    from pipeline.run import build_dataset, read_sources
+    from pipeline.transform import decode_sources
+
+    cfg = JobConfig(src="x", dst="y", actor_cpus=0.5, read_cpus=0.5)
+    plan = {"num_gpus": gpus or None, "num_cpus": 0.5, "size": 1}
+    capsys.readouterr()
+    build_dataset([{"work": "{}"}], read_sources, decode_sources, EncodeActor, {"spec": SPEC}, cfg, plan).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(read_sources)->MapBatches(decode_sources)]" in physical
+
+
+def test_job_reports_start_up_and_steady_rate(tmp_path):
+    src = tmp_path / "src"
+    make_images(src, 10)
+    cfg = JobConfig(src=str(src), dst=str(tmp_path / "dst"), codec=SPEC, shard_size=2)
+    lines = []
+    run = compress(cfg, use_ray=False, progress=False, echo=lines.append)["run"]
+    # five shards arrive one after another: the first marks the end of start-up, the rest give the rate
+    assert run["first_output_s"] > 0 and run["steady_images_per_s"] > 0
+    summary = next(s for s in lines if s.startswith("compressed "))
+    assert "start-up" in summary and "images/s" in summary
+    one = compress(JobConfig(src=str(src), dst=str(tmp_path / "dst1"), codec=SPEC, shard_size=100),
+                   use_ray=False, progress=False, echo=lambda s: None)["run"]
+    assert one["steady_images_per_s"] is None  # one output: no rate to speak of
+
+
 def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     good = make_images(src, 10)

@@ -1,7 +1,6 @@
 """Training the learned parts: the loss in pure torch, and Ray Train with checkpoints and resume."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
