@@ -51,11 +51,12 @@ class CodecConfig:
     lam: float = 1.0  # rate trade-off fed to the estimator
     steps: int = DEFAULT_STEPS  # decoder DDIM budget
     batch_size: int = 8
-    # Network precision: float32 (default), float64 or bfloat16/float16 (GPU). The entropy path
-    # is always float64 → integers, so symbols are bit-exact everywhere. Decoded *pixels* are
+    # Network precision: auto (default: bfloat16 on a GPU, float32 on the CPU), float32, float64
+    # ("exact") or bfloat16/float16. The entropy path is always float64 → integers on the CPU,
+    # so symbols are bit-exact everywhere whatever runs the networks. Decoded *pixels* are
     # identical across batch compositions and thread counts only in float64 ("exact" mode):
     # float32 kernels differ by ~1e-6 between batch sizes, enough to flip a rare rounded pixel.
-    precision: str = "float32"
+    precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Entropy coding in a side thread, overlapping the model's next batch (the bytes are the
     # same either way: the entropy path is per image and integer-exact).
@@ -87,9 +88,11 @@ class DiffusionCodec:
                  config: CodecConfig | None = None) -> None:
         self.backbone = backbone
         self.config = config or CodecConfig()
-        prec = {"exact": "float64"}.get(self.config.precision, self.config.precision)
+        auto = "bfloat16" if backbone.device.type == "cuda" else "float32"
+        prec = {"exact": "float64", "auto": auto}.get(self.config.precision, self.config.precision)
         if prec not in PRECISIONS:
-            raise CodecError(f"unknown precision '{prec}' (choose exact, {', '.join(PRECISIONS)})")
+            raise CodecError(f"unknown precision '{prec}' (choose auto, exact, {', '.join(PRECISIONS)})")
+        self.precision = prec
         backbone.to(backbone.device, PRECISIONS[prec])
         backbone.set_channels_last(self.config.channels_last if self.config.channels_last is not None else prec != "float64")
         if entropy_model is None:

@@ -26,9 +26,10 @@ def add_codec_args(p: argparse.ArgumentParser, encode: bool = True, decode: bool
                    help="entropy model: static (training-free, per-channel Gaussian) or hyperprior (needs --codec-weights to be good)")
     g.add_argument("--codec-weights", default=None, metavar="DIR", help="trained entropy model/estimator folder from `fcodec train`")
     g.add_argument("--device", default=None, help="torch device for the VAE/UNet (default: cuda if available, else cpu)")
-    g.add_argument("--precision", default="float32", choices=["float32", "exact", "float64", "bfloat16", "float16"],
-                   help="network precision; 'exact' (float64) makes decoded pixels identical across batch sizes "
-                        "and thread counts, at a large CPU cost (default: %(default)s)")
+    g.add_argument("--precision", default="auto", choices=["auto", "float32", "exact", "float64", "bfloat16", "float16"],
+                   help="network precision; auto = bfloat16 on a GPU, float32 on the CPU (the entropy path is always "
+                        "exact); 'exact' (float64) makes decoded pixels identical across batch sizes and thread counts, "
+                        "at a large CPU cost (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     if encode:
         r = g.add_mutually_exclusive_group()

@@ -36,7 +36,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-CODEC_DEFAULTS = {"backbone": "tiny", "entropy": "static", "precision": "float32", "batch_size": 8}
+CODEC_DEFAULTS = {"backbone": "tiny", "entropy": "static", "precision": "auto", "batch_size": 8}
 
 
 def normalize_codec(spec: dict) -> dict:
@@ -63,7 +63,7 @@ def load_codec_from_spec(spec: dict):
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    cfg = CodecConfig(batch_size=int(spec.get("batch_size") or 8), precision=spec.get("precision") or "float32")
+    cfg = CodecConfig(batch_size=int(spec.get("batch_size") or 8), precision=spec.get("precision") or "auto")
     for k in ("t", "target_bpp", "steps", "max_pixels"):
         if spec.get(k) is not None:
             setattr(cfg, k, spec[k])

@@ -145,7 +145,11 @@ def test_exact_mode_keeps_the_plain_memory_layout():
 
     conv = lambda c: next(p for p in c.backbone.unet.parameters() if p.dim() == 4)  # noqa: E731
     assert conv(load_codec("tiny", config=CodecConfig(precision="exact"))).is_contiguous()
-    assert conv(load_codec("tiny")).is_contiguous(memory_format=torch.channels_last)
+    cpu_default = load_codec("tiny")
+    assert conv(cpu_default).is_contiguous(memory_format=torch.channels_last)
+    assert cpu_default.precision == "float32" and cpu_default.backbone.dtype == torch.float32  # auto on the CPU
+    half = load_codec("tiny", config=CodecConfig(precision="bfloat16"))
+    assert half.backbone.dtype == torch.bfloat16 and half.encode([np.full((16, 16, 3), 128, np.uint8)], t=50)[0].t == 50
 
 
 def test_importing_image_io_does_not_load_torch():
