@@ -114,7 +114,8 @@ def run_job(args: argparse.Namespace, which: str) -> dict:
     from pipeline import run as pr
 
     args = resolve_args(args)
-    extra = {"image_column": args.image_column} if which == "compress" else {"format": args.format}
+    extra = ({"image_column": args.image_column, "decode_stage": {"auto": None, "read": True, "actor": False}[args.decode_images_in]}
+             if which == "compress" else {"format": args.format})
     cfg, opts = job_config(args, **extra)
     print("config: " + json.dumps({**cfg.public(), "ray_address": args.ray_address}, sort_keys=True), flush=True)
     started = False
@@ -138,6 +139,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("src", nargs="?", help="input folder, bucket prefix, glob or file")
     p.add_argument("dst", nargs="?", help="output dataset folder or bucket prefix")
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: detected)")
+    p.add_argument("--decode-images-in", choices=["auto", "read", "actor"], default="auto",
+                   help="where source images are decoded to pixels: in the read tasks (overlapping the model) or in "
+                        "the actors; auto: read tasks for GPU actors, the actors themselves for CPU actors (default: %(default)s)")
     add_job_args(p)
     add_codec_args(p, encode=True, decode=False)
     p.set_defaults(_parser=p)

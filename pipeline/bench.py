@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from .actors import load_codec_from_spec
-from .run import JobConfig, compress
+from .run import JobConfig, compress, steady_rate
 
 
 class RssSampler:
@@ -44,27 +44,57 @@ class RssSampler:
         self._t.join()
 
 
+def quiesce(pattern: str = "Actor", timeout_s: float = 20.0) -> None:
+    """Wait until the previous job's actor processes have exited (Ray kills them asynchronously),
+    so a measurement does not share the CPUs with their shutdown."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = False
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                alive |= any(pattern in part and "MapWorker" in part for part in (p.info["cmdline"] or []))
+            except psutil.Error:
+                continue
+        if not alive:
+            return
+        time.sleep(0.2)
+
+
 def bare_loop(src_files: list[Path], spec: dict, batch: int) -> dict:
-    """Read, decode and encode the files in this process, in batches like the actors: the baseline."""
+    """Read, decode and encode the files in this process, in batches like the actors: the baseline.
+
+    The codec loads before the clock starts (the Ray job's start-up is reported separately);
+    `steady_images_per_s` is `run.steady_rate` over the batches' end times, as the job's figure
+    is over its outputs.
+    """
     from codec import load_image
 
-    t0 = time.perf_counter()
+    quiesce()
     codec = load_codec_from_spec(spec)
-    n_bytes = 0
+    n_bytes, ends = 0, []
+    t0 = time.perf_counter()
     for i in range(0, len(src_files), batch):
         imgs = [load_image(p.read_bytes()) for p in src_files[i : i + batch]]
         n_bytes += sum(len(e.data) for e in codec.encode(imgs))
+        ends.append((time.perf_counter(), len(imgs)))
     dt = time.perf_counter() - t0
-    return {"images": len(src_files), "seconds": dt, "images_per_s": len(src_files) / dt, "bytes": n_bytes}
+    return {"images": len(src_files), "seconds": dt, "images_per_s": len(src_files) / dt, "bytes": n_bytes,
+            "steady_images_per_s": steady_rate(ends)}
 
 
-def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sample_rss: bool = False) -> dict:
-    """The real compress job (local Ray already initialised) into a temporary destination."""
+def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sample_rss: bool = False,
+            decode_stage: bool | None = None) -> dict:
+    """The real compress job (local Ray already initialised) into a temporary destination.
+
+    `steady_images_per_s` and `first_output_s` are the job's own figures (run.Throughput):
+    outputs reach the driver a shard at a time, so shard_size = batch gives the finest clock.
+    """
     dst = tempfile.mkdtemp(prefix="fcodec-bench-")
     try:
         cfg = JobConfig(src=src, dst=dst, codec=dict(spec), shard_size=shard_size, rows_per_batch=batch,
-                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), read_cpus=0.25)
+                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), decode_stage=decode_stage)
         sampler = RssSampler() if sample_rss else None
+        quiesce()
         t0 = time.perf_counter()
         if sampler:
             with sampler:
@@ -74,7 +104,8 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
         dt = time.perf_counter() - t0
         n = int(stats["totals"]["ok"])
         out = {"images": n, "failed": int(stats["totals"]["failed"]), "seconds": dt, "workers": workers,
-               "images_per_s": n / dt if dt else 0.0}
+               "images_per_s": n / dt if dt else 0.0, "decode_stage": (stats["run"].get("pool") or {}).get("decode_stage"),
+               "first_output_s": stats["run"]["first_output_s"], "steady_images_per_s": stats["run"]["steady_images_per_s"]}
         if sampler:
             out["peak_rss_mb_per_actor"] = sorted(v / 2**20 for v in sampler.peak.values())
         return out

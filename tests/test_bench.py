@@ -23,29 +23,44 @@ def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
 def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
     out = tmp_path / "bench"
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--out", str(out), "--images", "8", "--size", "32",
-                        "--batch", "4", "--sections", "stages,pipeline,gpu", "--docs", str(tmp_path / "perf.md")],
-                       capture_output=True, text=True, timeout=900)
+                        "--batch", "4", "--repeats", "1", "--sections", "stages,fastpath,pipeline,gpu",
+                        "--docs", str(tmp_path / "perf.md")], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
-    assert res["pipeline"]["bare_loop"]["images"] == 8 and res["pipeline"]["ray_job_1_actor_4x"]["images"] == 32
+    rep = res["pipeline"]["repeats"][0]
+    for name in ("bare_loop", "ray_job", "ray_job_other"):
+        assert rep[name]["images"] == 32 and rep[name + "_4x"]["images"] == 128, name
+    # CPU actors decode images themselves by default; the comparison run decodes in the read tasks
+    assert rep["ray_job"]["decode_stage"] is False and rep["ray_job_other"]["decode_stage"] is True
+    # 8 shards of 4 images reach the driver one by one: the job measures its own start-up and rate
+    assert rep["ray_job"]["steady_images_per_s"] > 0 and rep["ray_job"]["first_output_s"] > 0
+    assert rep["efficiency"] == rep["ray_marginal_images_per_s"] / rep["bare_marginal_images_per_s"]
     assert res["pipeline"]["efficiency"] > 0 and "tiny" in res["stages"]
+    assert [(r["channels_last"], r["overlap_entropy"]) for r in res["fastpath"]["rows"]] == [
+        (False, False), (True, False), (False, True), (True, True)]
     md = (tmp_path / "perf.md").read_text()
     assert "pipeline efficiency: " in md and "× the bare loop" in md and "fcodec bench" in md
 
 
 def test_markdown_has_every_section():
     stage = {"stages_s_per_mp": {"vae_encode": 1.0, "unet_step_1": 2.0}, "entropy_share": 0.01, "total_s_per_mp": 3.0}
-    run = {"images": 10, "seconds": 2.0, "images_per_s": 5.0}
+    run = {"images": 10, "seconds": 2.0, "images_per_s": 5.0, "steady_images_per_s": 6.0, "first_output_s": 1.0}
     res = {"started": "now", "machine": {"cpus": 2, "platform": "x", "torch": "2", "gpu": None},
            "params": {"images": 10, "size": 64, "t": 100, "steps": 4, "batch": 8},
            "stages": {"tiny": stage},
-           "pipeline": {"bare_loop": run, "bare_loop_4x": run, "ray_job_1_actor": run, "ray_job_1_actor_4x": run,
-                        "efficiency": 0.93, "end_to_end_efficiency": 0.5, "bare_marginal_images_per_s": 5.0,
-                        "ray_marginal_images_per_s": 4.65, "fixed_startup_s": 3.0},
+           "pipeline": {"images": [40, 160], "repeats": [{"bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58,
+                                                           "ray_other_marginal_images_per_s": 4.8, "efficiency": 0.93,
+                                                           "efficiency_other": 0.8, "end_to_end_efficiency": 0.5}],
+                        "efficiency": 0.93, "decode_stage": False, "efficiency_other": 0.8, "end_to_end_efficiency": 0.5,
+                        "startup_s": 3.0,
+                        "first_output_s": 3.5, "bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58},
+           "fastpath": {"rows": [{"channels_last": True, "overlap_entropy": False, "encode_img_s": 9.5, "decode_img_s": 2.25}],
+                        "threads": 1, "images": 16, "size": 64},
            "scaling": {"speedup": 1.5, "per_actor_efficiency": 0.75, "model_n_gpus": {1: 5.0, 2: 7.5}, "note": "n"},
            "memory": {"dataset": run, "dataset_10x": run, "peak_rss_mb": [500.0, 520.0], "growth": 0.04},
            "gpu": {"skipped": "no CUDA device on this machine"}}
     md = to_markdown(res)
-    assert "pipeline efficiency: 0.93× the bare loop" in md
-    for h in ("## Codec stages", "## Scaling", "## Memory", "+4.0%", "## GPU", "1.00%"):
+    assert "pipeline efficiency: 0.93× the bare loop" in md and "in the read tasks instead: 0.80×" in md
+    for h in ("## Codec stages", "## Scaling", "## Memory", "+4.0%", "## GPU", "1.00%", "| on | off | 9.5 | 2.2 |",
+              "| 1 | 6.00 | 5.58 | 0.93 | 4.80 | 0.80 | 0.50 |"):
         assert h in md

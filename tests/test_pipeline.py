@@ -333,6 +333,13 @@ def test_cli_config_file_flags_win_and_no_secrets(tmp_path, capsys, monkeypatch)
         assert secret not in out and secret not in manifest
         assert not any(secret in p.read_text() for p in (dst / "_commits").glob("*.json"))
     assert set(pq.read_table(dst / next(iter(sorted(p.name for p in dst.glob("part-*")))) ).column("t").to_pylist()) == {150}
+    assert json.loads(manifest)["config"]["decode_stage"] is None  # auto
+
+    dst2 = tmp_path / "dst2"
+    assert main(["compress", str(src), str(dst2), "--no-ray", "--decode-images-in", "read", "--no-progress"]) == 0
+    m2 = json.loads((dst2 / "_manifest.json").read_text())
+    assert m2["config"]["decode_stage"] is True and m2["last_run"]["pool"]["decode_stage"] is True
+    assert m2["totals"]["ok"] == 3
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("srcc: x\n")
