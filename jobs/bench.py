@@ -188,42 +188,59 @@ def _fastpath_section(args) -> dict:
     return {"rows": rows, "threads": torch.get_num_threads(), "images": len(imgs), "size": args.size}
 
 
-def _gpu_section(args) -> dict:
-    """SD-2.1 architecture with random weights at 512x512 and 768x512: encode/decode images/s at
-    several t and batch sizes, fp32 vs bf16."""
+def sd21_random_backbone():
+    """Stable Diffusion 2.1's architecture (VAE + v-prediction UNet, 1024-d cross-attention) with
+    random weights: the speed of the real model without its download."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from codec import Backbone, CodecConfig, DiffusionCodec
+    from codec import Backbone
     from codec.backbone import sd_alphas_cumprod
-    from jobs.samples import sample_image
 
     vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=768)
     unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                                 use_linear_projection=True)
-    bb = Backbone(vae=vae.eval(), unet=unet.eval(), alphas_cumprod=sd_alphas_cumprod(), prediction_type="v_prediction",
-                  prompt_embeds=torch.zeros(1, 77, 1024), scaling_factor=0.18215, name="sd21-arch-random")
-    bb.to("cuda")
+    return Backbone(vae=vae.eval().requires_grad_(False), unet=unet.eval().requires_grad_(False),
+                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="v_prediction",
+                    prompt_embeds=torch.zeros(1, 77, 1024), scaling_factor=0.18215, name="sd21-arch-random")
+
+
+def _gpu_section(args, device: str = "cuda", build=sd21_random_backbone, sizes=((512, 512), (512, 768)),
+                 batches=(1, 4), ts=(50, 200)) -> dict:
+    """Encode/decode images/s at several sizes, t and batch sizes, fp32 vs bf16 (SD-2.1
+    architecture on the GPU by default; tests run the same loop on the CPU with the tiny one)."""
+    import torch
+
+    from codec import CodecConfig, DiffusionCodec
+    from jobs.samples import sample_image
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    bb = build().to(device)
     rows = []
     for prec in ("float32", "bfloat16"):
-        codec = DiffusionCodec(bb, config=CodecConfig(precision=prec))
-        for (h, w) in ((512, 512), (512, 768)):
-            for batch in (1, 4):
+        codec = DiffusionCodec(bb, config=CodecConfig(precision=prec, batch_size=max(batches)))
+        for (h, w) in sizes:
+            for batch in batches:
                 imgs = [sample_image(i, h, w) for i in range(batch)]
-                for t in (50, 200):
-                    codec.encode(imgs, t=t)  # warm-up
-                    torch.cuda.synchronize()
+                for t in ts:
+                    codec.decode([e.data for e in codec.encode(imgs, t=t)], steps=args.steps)  # warm-up
+                    sync()
                     t0 = time.perf_counter()
                     enc = codec.encode(imgs, t=t)
-                    torch.cuda.synchronize()
+                    sync()
                     t1 = time.perf_counter()
                     codec.decode([e.data for e in enc], steps=args.steps)
-                    torch.cuda.synchronize()
+                    sync()
                     t2 = time.perf_counter()
                     rows.append({"precision": prec, "size": f"{w}x{h}", "batch": batch, "t": t,
+                                 "bpp": sum(e.bpp for e in enc) / len(enc),
                                  "encode_img_s": batch / (t1 - t0), "decode_img_s": batch / (t2 - t1)})
-    return {"rows": rows, "device": torch.cuda.get_device_name(0)}
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else device
+    return {"rows": rows, "device": name, "backbone": bb.name, "steps": args.steps}
 
 
 def to_markdown(res: dict) -> str:
@@ -287,7 +304,8 @@ def to_markdown(res: dict) -> str:
         gp = res["gpu"]
         lines += ["## GPU", ""]
         if "rows" in gp:
-            lines += [f"Device: {gp['device']}. SD 2.1 architecture, random weights.", "",
+            lines += [f"Device: {gp['device']}. Backbone: {gp.get('backbone', 'sd21-arch-random')} (SD 2.1 architecture, "
+                      f"random weights), {gp.get('steps', p['steps'])} DDIM steps at decode.", "",
                       "| precision | size | batch | t | encode img/s | decode img/s |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['precision']} | {r['size']} | {r['batch']} | {r['t']} | {r['encode_img_s']:.2f} | {r['decode_img_s']:.2f} |" for r in gp["rows"]]
         else:

@@ -64,3 +64,31 @@ def test_markdown_has_every_section():
     for h in ("## Codec stages", "## Scaling", "## Memory", "+4.0%", "## GPU", "1.00%", "| on | off | 9.5 | 2.2 |",
               "| 1 | 6.00 | 5.58 | 0.93 | 4.80 | 0.80 | 0.50 |"):
         assert h in md
+
+
+def test_gpu_section_loop_runs_on_the_cpu_with_the_tiny_backbone():
+    """The GPU section's loop (fp32 vs bf16, sizes, batches, t) on the CPU: it cannot time a GPU
+    here, but it must not first fail on the day a GPU is lent."""
+    import argparse
+
+    from codec import Backbone
+    from jobs.bench import _gpu_section
+
+    res = _gpu_section(argparse.Namespace(steps=2), device="cpu", build=lambda: Backbone.tiny(0), sizes=((32, 48),),
+                       batches=(1, 2), ts=(50,))
+    assert [(r["precision"], r["batch"]) for r in res["rows"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    assert all(r["size"] == "48x32" and r["encode_img_s"] > 0 and r["decode_img_s"] > 0 and r["bpp"] > 0 for r in res["rows"])
+    md = to_markdown({"started": "now", "machine": {"cpus": 2, "platform": "x", "torch": "2", "gpu": "cpu"},
+                      "params": {"images": 1, "size": 32, "t": 50, "steps": 2, "batch": 2}, "gpu": res})
+    assert "| bfloat16 | 48x32 | 2 | 50 |" in md and "tiny-0" in md
+
+
+@pytest.mark.slow
+def test_gpu_section_builds_the_sd21_architecture():
+    """The random SD-2.1 backbone of the GPU section has SD 2.1's parameter counts."""
+    from jobs.bench import sd21_random_backbone
+
+    bb = sd21_random_backbone()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(bb.unet) == 865_910_724 and n(bb.vae) == 83_653_863
+    assert bb.prediction_type == "v_prediction" and bb.latent_channels == 4 and bb.pad_multiple == 64  # 8x VAE, 8x UNet
