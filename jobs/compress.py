@@ -25,6 +25,10 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", choices=["auto", "off"], default="auto", help="auto: one actor per GPU when the cluster has GPUs")
     g.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per actor, fractions allowed (default: %(default)s)")
     g.add_argument("--read-cpus", type=float, default=0.5, help="CPUs per read task (default: %(default)s)")
+    g.add_argument("--image-io", choices=["auto", "tasks", "actor"], default="auto",
+                   help="where images are decoded (compress) or PNG-encoded and written (decompress): in Ray tasks beside "
+                        "the actors, overlapping the model, or in the actors; auto: tasks for GPU actors, the actors "
+                        "themselves for CPU actors (default: %(default)s)")
     g.add_argument("--rows-per-batch", type=int, default=32, help="images per actor call; larger amortizes Ray's per-call cost (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=256, help="image files per output shard (default: %(default)s)")
     g.add_argument("--max-shards", type=int, default=None, help="stop after N shards (a rerun continues)")
@@ -105,7 +109,8 @@ def job_config(args: argparse.Namespace, **extra):
     cfg = JobConfig(src=args.src, dst=args.dst, codec=codec_spec(args), shard_size=args.shard_size,
                     rows_per_batch=args.rows_per_batch, workers=args.workers, actor_cpus=args.actor_cpus,
                     read_cpus=args.read_cpus, gpus=args.gpus, retry_failed=args.retry_failed,
-                    max_shards=args.max_shards, storage=opts.public(), **extra)
+                    max_shards=args.max_shards, image_stage={"auto": None, "tasks": True, "actor": False}[args.image_io],
+                    storage=opts.public(), **extra)
     return cfg, opts
 
 
@@ -114,8 +119,7 @@ def run_job(args: argparse.Namespace, which: str) -> dict:
     from pipeline import run as pr
 
     args = resolve_args(args)
-    extra = ({"image_column": args.image_column, "decode_stage": {"auto": None, "read": True, "actor": False}[args.decode_images_in]}
-             if which == "compress" else {"format": args.format})
+    extra = {"image_column": args.image_column} if which == "compress" else {"format": args.format}
     cfg, opts = job_config(args, **extra)
     print("config: " + json.dumps({**cfg.public(), "ray_address": args.ray_address}, sort_keys=True), flush=True)
     started = False
@@ -139,9 +143,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("src", nargs="?", help="input folder, bucket prefix, glob or file")
     p.add_argument("dst", nargs="?", help="output dataset folder or bucket prefix")
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: detected)")
-    p.add_argument("--decode-images-in", choices=["auto", "read", "actor"], default="auto",
-                   help="where source images are decoded to pixels: in the read tasks (overlapping the model) or in "
-                        "the actors; auto: read tasks for GPU actors, the actors themselves for CPU actors (default: %(default)s)")
     add_job_args(p)
     add_codec_args(p, encode=True, decode=False)
     p.set_defaults(_parser=p)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .schema import BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from .storage import StorageOptions, get_fs, join, safe_key_path, write_atomic
-from .transform import decoded_image
+from .transform import PIXEL_COLUMNS, decoded_image
 
 # Codec loads in this process: tests and the manifest use it to prove "once per actor".
 CODEC_LOADS = 0
@@ -203,6 +203,23 @@ class EncodeActor:
             return res
 
 
+def finish_decoded(row: dict, px, gray: bool, dest: str, fs=None, root: str | None = None) -> dict:
+    """PNG-encode decoded pixels into `row` and write them to `root/dest` on `fs` (or keep the
+    PNG bytes in the row when fs is None); a failed write makes a failed row."""
+    from codec import to_png
+
+    png = to_png(px, gray=gray)
+    row.update(png_sha256=sha256_hex(png), status=STATUS_OK, error=None, _out_bytes=len(png))
+    if fs is None:
+        row["png"] = png
+        return row
+    try:
+        write_atomic(fs, join(root, dest), png)
+    except Exception as e:
+        return _failed(row, f"could not write {dest}: {_one_line(e)}")
+    return row
+
+
 def output_key(key: str, fmt: str = "png") -> str:
     """Where `decompress` writes a key: the key itself when it already ends in .png, else key +
     '.png' (one-to-one, so 'a.jpg' and 'a.png' cannot collide). Raises ValueError for keys that
@@ -214,16 +231,18 @@ def output_key(key: str, fmt: str = "png") -> str:
 class DecodeActor:
     """Bitstream rows -> PNGs (written under `out_url` by the actor itself) or PNG bytes rows."""
 
-    def __init__(self, spec: dict, out_url: str | None = None, opts: StorageOptions | None = None) -> None:
+    def __init__(self, spec: dict, out_url: str | None = None, opts: StorageOptions | None = None,
+                 emit_pixels: bool = False) -> None:
         self.codec = load_codec_from_spec(spec)
         self.steps = spec.get("steps")
         self.worker = worker_id()
         self.out_url = out_url
-        if out_url is not None:
-            self.fs, self.root = get_fs(out_url, opts)
+        self.emit_pixels = emit_pixels  # leave PNG encoding + writing to transform.encode_outputs
+        self.fs, self.root = get_fs(out_url, opts) if out_url is not None else (None, None)
 
     def __call__(self, batch: Any) -> pa.Table:
-        return _table(self.decode_rows(rows_of(batch)), DECODED_SCHEMA)
+        schema = pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS]) if self.emit_pixels else DECODED_SCHEMA
+        return _table(self.decode_rows(rows_of(batch)), schema)
 
     def decode_rows(self, rows: list[dict]) -> list[dict]:
         """Rows {key, bitstream, bitstream_sha256, width, height, status, _...} -> decoded rows.
@@ -233,7 +252,6 @@ class DecodeActor:
         without the PNG bytes.
         """
         from codec import bitstream as bs
-        from codec import to_png
 
         out: list[dict] = []
         todo: list[tuple[int, bytes, bool]] = []
@@ -278,17 +296,13 @@ class DecodeActor:
             if row.get("width") is not None and (w, h) != (row["width"], row["height"]):
                 out[i] = _failed(row, f"decoded {w}x{h}, the row says {row['width']}x{row['height']}")
                 continue
-            png = to_png(px, gray=gray)
-            row.update(width=w, height=h, png_sha256=sha256_hex(png), status=STATUS_OK, error=None, _out_bytes=len(png))
-            if self.out_url is None:
-                row["png"] = png
+            row.update(width=w, height=h)
+            if self.emit_pixels:  # PNG encoding and writing happen in tasks after the actors
+                row.update(pixels=px.tobytes(), px_h=h, px_w=w, gray=gray, _dest=dest)
             else:
-                try:
-                    write_atomic(self.fs, join(self.root, dest), png)
-                except Exception as e:
-                    out[i] = _failed(row, f"could not write {dest}: {_one_line(e)}")
+                out[i] = finish_decoded(row, px, gray, dest, self.fs, self.root)
         return out
 
 
 __all__ = ["EncodeActor", "DecodeActor", "CODEC_LOADS", "load_codec_from_spec", "normalize_codec", "codec_fingerprint_hex",
-           "output_key", "rows_of", "sha256_hex", "worker_id"]
+           "finish_decoded", "output_key", "rows_of", "sha256_hex", "worker_id"]

@@ -83,7 +83,7 @@ def bare_loop(src_files: list[Path], spec: dict, batch: int) -> dict:
 
 
 def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sample_rss: bool = False,
-            decode_stage: bool | None = None) -> dict:
+            image_stage: bool | None = None) -> dict:
     """The real compress job (local Ray already initialised) into a temporary destination.
 
     `steady_images_per_s` and `first_output_s` are the job's own figures (run.Throughput):
@@ -92,7 +92,7 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
     dst = tempfile.mkdtemp(prefix="fcodec-bench-")
     try:
         cfg = JobConfig(src=src, dst=dst, codec=dict(spec), shard_size=shard_size, rows_per_batch=batch,
-                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), decode_stage=decode_stage)
+                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), image_stage=image_stage)
         sampler = RssSampler() if sample_rss else None
         quiesce()
         t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
         dt = time.perf_counter() - t0
         n = int(stats["totals"]["ok"])
         out = {"images": n, "failed": int(stats["totals"]["failed"]), "seconds": dt, "workers": workers,
-               "images_per_s": n / dt if dt else 0.0, "decode_stage": (stats["run"].get("pool") or {}).get("decode_stage"),
+               "images_per_s": n / dt if dt else 0.0, "image_stage": (stats["run"].get("pool") or {}).get("image_stage"),
                "first_output_s": stats["run"]["first_output_s"], "steady_images_per_s": stats["run"]["steady_images_per_s"]}
         if sampler:
             out["peak_rss_mb_per_actor"] = sorted(v / 2**20 for v in sampler.peak.values())

@@ -6,6 +6,7 @@ Graph (Ray Data, streaming):
       -> map_batches(read_*, tasks, fractional CPU)      source bytes in chunks + a sentinel per shard
       -> map_batches(decode_sources, tasks)               compress, GPU actors: image bytes -> pixels (transform.py)
       -> map_batches(EncodeActor | DecodeActor, ActorPoolStrategy: one actor per GPU, else CPU actors)
+      -> map_batches(encode_outputs, tasks)               decompress, GPU actors: pixels -> PNG, written
       -> driver: collect rows per shard; when a shard's sentinel and all its rows are in:
          write part-<shard>.parquet (temp + rename), then _commits/<shard>.json (the commit)
 
@@ -32,7 +33,7 @@ from .actors import DecodeActor, EncodeActor, normalize_codec
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED,
                      parquet_write_kwargs)
 from .sources import Shard, list_inputs, plan_shards, read_shard
-from .transform import decode_sources
+from .transform import decode_sources, encode_outputs
 
 READ_SCHEMA = pa.schema([("key", pa.string()), ("source_uri", pa.string()), ("data", pa.large_binary()),
                          ("read_error", pa.string()), ("_shard", pa.string()), ("_sentinel", pa.bool_()),
@@ -62,11 +63,12 @@ class JobConfig:
     format: str = "png"  # decompress: png files under DST, or parquet of PNG bytes
     actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
-    # compress: decode images in the read tasks, overlapping the actors' model compute (True),
-    # or inside the actors (False). None: in the read tasks when the actors have GPUs (the GPU is
-    # the bottleneck, CPUs are spare); inside the actors when they are CPU actors (the CPUs are
-    # the bottleneck either way, and the extra hop of raw pixels measured slower: performance.md).
-    decode_stage: bool | None = None
+    # Image work in Ray tasks beside the actors, overlapping the model (True), or inside the
+    # actors (False): compress decodes source images in the read tasks; decompress PNG-encodes
+    # and writes in tasks after the actors. None: tasks when the actors have GPUs (the GPU is the
+    # bottleneck, CPUs are spare); inside CPU actors (the CPUs are the bottleneck either way, and
+    # the extra hop of raw pixels measured no faster: docs/performance.md).
+    image_stage: bool | None = None
 
     def public(self) -> dict:
         return asdict(self)
@@ -113,16 +115,29 @@ def pool_plan(cfg: JobConfig, est_batches: int) -> dict:
     return {"size": n, "num_gpus": None, "num_cpus": cfg.actor_cpus, "device": "cpu"}
 
 
+@dataclass
+class ImageStage:
+    """Image work that can run in Ray tasks beside the actors instead of inside them: `pre`
+    runs on the read tasks' output (compress: decode images), `post` on the actors' output
+    (decompress: PNG-encode and write); `actor_kwargs` tell the actor its share is moved out."""
+
+    pre: Callable | None = None
+    post: Callable | None = None
+    actor_kwargs: dict = field(default_factory=dict)
+
+
 def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs: dict, cfg: JobConfig,
-             use_ray: bool, est_rows: int, info: dict, transform_fn: Callable | None = None) -> Iterator[pa.Table]:
-    """Run read [-> transform] -> actor over `items` (one per shard); yields the actor's output tables."""
+             use_ray: bool, est_rows: int, info: dict, stage: ImageStage | None = None) -> Iterator[pa.Table]:
+    """Run read [-> pre] -> actor [-> post] over `items` (one per shard); yields the output tables."""
     if not use_ray:
-        actor = actor_cls(**actor_kwargs)
-        transform_fn = transform_fn if cfg.decode_stage else None
-        info["pool"] = {"size": 1, "device": "inline", "decode_stage": transform_fn is not None}
+        stage = stage if stage and cfg.image_stage else None
+        actor = actor_cls(**actor_kwargs, **(stage.actor_kwargs if stage else {}))
+        info["pool"] = {"size": 1, "device": "inline", "image_stage": stage is not None}
+        pre = stage.pre if stage and stage.pre else (lambda t: t)
+        post = stage.post if stage and stage.post else (lambda t: t)
         for item in items:
             for t in read_fn({"work": [item["work"]]}):
-                yield actor(transform_fn(t) if transform_fn else t)
+                yield post(actor(pre(t)))
         return
     _quiet_ray_data()
     from ray.data import DataContext
@@ -131,33 +146,36 @@ def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs
     # first batch on, and a cluster too small for the pool fails with a clear timeout, not a hang.
     DataContext.get_current().wait_for_min_actors_s = cfg.actor_start_timeout_s
     plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))) if est_rows else 1 << 30)
-    if transform_fn is not None and not (cfg.decode_stage if cfg.decode_stage is not None else plan["device"] == "gpu"):
-        transform_fn = None
-    plan["decode_stage"] = transform_fn is not None
+    if stage is not None and not (cfg.image_stage if cfg.image_stage is not None else plan["device"] == "gpu"):
+        stage = None
+    plan["image_stage"] = stage is not None
     info["pool"] = plan
-    ds = build_dataset(items, read_fn, transform_fn, actor_cls, actor_kwargs, cfg, plan)
+    ds = build_dataset(items, read_fn, actor_cls, actor_kwargs, cfg, plan, stage)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def build_dataset(items: list[dict], read_fn: Callable, transform_fn: Callable | None, actor_cls: type,
-                  actor_kwargs: dict, cfg: JobConfig, plan: dict):
-    """The Ray Data graph: read [-> decode] tasks -> actor pool (lazy; nothing runs yet)."""
+def build_dataset(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs: dict, cfg: JobConfig,
+                  plan: dict, stage: ImageStage | None = None):
+    """The Ray Data graph: read [-> pre] tasks -> actor pool [-> post tasks] (lazy; nothing runs yet)."""
     import ray
 
     spec = dict(actor_kwargs["spec"])
     spec.setdefault("threads", max(1, int(round(plan["num_cpus"]))))
-    actor_kwargs = {**actor_kwargs, "spec": spec}
+    actor_kwargs = {**actor_kwargs, **(stage.actor_kwargs if stage else {}), "spec": spec}
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Ray fuses map stages whose remote args are equal, a task stage into an actor stage too: equal
     # CPUs would pull the reads into the actors (serial with the model), so keep them apart.
     read_cpus = cfg.read_cpus if plan["num_gpus"] or cfg.read_cpus != plan["num_cpus"] else cfg.read_cpus * 0.99
     ds = ds.map_batches(read_fn, batch_size=1, num_cpus=read_cpus, batch_format="pyarrow")
-    if transform_fn is not None:  # image decoding, fused into the read tasks (same remote args)
-        ds = ds.map_batches(transform_fn, batch_size=None, num_cpus=read_cpus, batch_format="pyarrow")
+    if stage and stage.pre:  # image decoding, fused into the read tasks (same remote args)
+        ds = ds.map_batches(stage.pre, batch_size=None, num_cpus=read_cpus, batch_format="pyarrow")
     kw = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}
-    return ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.rows_per_batch,
-                          compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
-                          batch_format="pyarrow", **kw)
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.rows_per_batch,
+                        compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+                        batch_format="pyarrow", **kw)
+    if stage and stage.post:  # tasks never fuse into an upstream actor pool
+        ds = ds.map_batches(stage.post, batch_size=None, num_cpus=read_cpus, batch_format="pyarrow")
+    return ds
 
 
 class ShardCollector:
@@ -347,12 +365,12 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     by_id = {w["id"]: w for w in work}
     items = [{"work": json.dumps(w)} for w in work]
     read_fn = _partial(read_sources, opts=opts, image_column=cfg.image_column)
-    transform_fn = _partial(decode_sources, max_pixels=normalize_codec(cfg.codec).get("max_pixels"))
+    stage = ImageStage(pre=_partial(decode_sources, max_pixels=normalize_codec(cfg.codec).get("max_pixels")))
     bar = _progress(est or None, "compress", progress)
     t_start = time.perf_counter()
     rate = Throughput()
     try:
-        for table in (_execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info, transform_fn) if work else []):
+        for table in (_execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info, stage) if work else []):
             done, n = col.add(table)
             rate.add(n)
             bar.update(n)
@@ -501,7 +519,9 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     echo(f"{len(src_shards)} shards in {cfg.src}; {len(done)} already decoded, {len(work)} to do")
 
     info: dict = {}
-    kwargs = {"spec": cfg.codec, "out_url": cfg.dst if cfg.format == "png" else None, "opts": opts}
+    out_url = cfg.dst if cfg.format == "png" else None
+    kwargs = {"spec": cfg.codec, "out_url": out_url, "opts": opts}
+    stage = ImageStage(post=_partial(encode_outputs, out_url=out_url, opts=opts), actor_kwargs={"emit_pixels": True})
     run = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "input_bytes": 0, "output_bytes": 0, "shards": 0}
     failures: list[tuple[str, str]] = []
     col = ShardCollector()
@@ -511,7 +531,7 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     rate = Throughput()
     try:
         items = [{"work": json.dumps(w)} for w in work]
-        for table in (_execute(items, _partial(read_bitstreams, opts=opts), DecodeActor, kwargs, cfg, use_ray, est, info) if work else []):
+        for table in (_execute(items, _partial(read_bitstreams, opts=opts), DecodeActor, kwargs, cfg, use_ray, est, info, stage) if work else []):
             got, n = col.add(table)
             rate.add(n)
             bar.update(n)

@@ -1,4 +1,6 @@
-"""Transform stage of compress: source bytes -> RGB pixels, in Ray tasks beside the reads.
+"""Image stages in Ray tasks beside the actors: compress decodes source bytes to RGB pixels in
+the read tasks (`decode_sources`); decompress PNG-encodes and writes the actors' decoded pixels
+in tasks after them (`encode_outputs`). Which jobs use them: run.JobConfig.image_stage.
 
 Decoding a PNG/JPEG (inflate, EXIF rotation, colour conversion) needs no model, so it runs in
 the read tasks' CPU pool, where it overlaps with the actors' model compute instead of delaying
@@ -14,6 +16,10 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+
+# Columns the decode actors add for `encode_outputs` (emit_pixels=True).
+PIXEL_COLUMNS = [("pixels", pa.large_binary()), ("px_h", pa.int32()), ("px_w", pa.int32()), ("gray", pa.bool_()),
+                 ("_dest", pa.string())]
 
 # Columns this stage adds (and `data`, the source bytes, which it drops once hashed).
 DECODED_COLUMNS = [("source_sha256", pa.string()), ("_source_bytes", pa.int64()), ("pixels", pa.large_binary()),
@@ -57,3 +63,22 @@ def decoded_image(row: dict):
 
     px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(int(row["px_h"]), int(row["px_w"]), 3)
     return LoadedImage(px, gray=bool(row.get("gray")), alpha=bool(row.get("alpha")))
+
+
+def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa.Table:
+    """Decode actors' rows with raw `pixels` -> finished decoded rows: PNG bytes in the row, or
+    the PNG written to `out_url/<dest>` (atomically). Other rows (failures, sentinels) pass."""
+    import numpy as np
+
+    from .actors import _table, finish_decoded
+    from .schema import DECODED_SCHEMA
+    from .storage import get_fs
+
+    fs, root = get_fs(out_url, opts) if out_url is not None else (None, None)
+    out = []
+    for r in batch.to_pylist():
+        px, h, w, gray, dest = (r.pop(k, None) for k in ("pixels", "px_h", "px_w", "gray", "_dest"))
+        if px is not None:
+            r = finish_decoded(r, np.frombuffer(px, dtype=np.uint8).reshape(h, w, 3), bool(gray), dest, fs, root)
+        out.append(r)
+    return _table(out, DECODED_SCHEMA)

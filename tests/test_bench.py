@@ -22,6 +22,7 @@ def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
 @pytest.mark.slow
 def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
     out = tmp_path / "bench"
+    (tmp_path / "perf.md").write_text("# old figures\n\n## Notes\n\n- kept by hand\n")
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--out", str(out), "--images", "8", "--size", "32",
                         "--batch", "4", "--repeats", "1", "--sections", "stages,fastpath,pipeline,gpu",
                         "--docs", str(tmp_path / "perf.md")], capture_output=True, text=True, timeout=900)
@@ -31,7 +32,7 @@ def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
     for name in ("bare_loop", "ray_job", "ray_job_other"):
         assert rep[name]["images"] == 32 and rep[name + "_4x"]["images"] == 128, name
     # CPU actors decode images themselves by default; the comparison run decodes in the read tasks
-    assert rep["ray_job"]["decode_stage"] is False and rep["ray_job_other"]["decode_stage"] is True
+    assert rep["ray_job"]["image_stage"] is False and rep["ray_job_other"]["image_stage"] is True
     # 8 shards of 4 images reach the driver one by one: the job measures its own start-up and rate
     assert rep["ray_job"]["steady_images_per_s"] > 0 and rep["ray_job"]["first_output_s"] > 0
     assert rep["efficiency"] == rep["ray_marginal_images_per_s"] / rep["bare_marginal_images_per_s"]
@@ -40,6 +41,7 @@ def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
         (False, False), (True, False), (False, True), (True, True)]
     md = (tmp_path / "perf.md").read_text()
     assert "pipeline efficiency: " in md and "× the bare loop" in md and "fcodec bench" in md
+    assert md.endswith("## Notes\n\n- kept by hand\n") and "old figures" not in md
 
 
 def test_markdown_has_every_section():
@@ -51,7 +53,7 @@ def test_markdown_has_every_section():
            "pipeline": {"images": [40, 160], "repeats": [{"bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58,
                                                            "ray_other_marginal_images_per_s": 4.8, "efficiency": 0.93,
                                                            "efficiency_other": 0.8, "end_to_end_efficiency": 0.5}],
-                        "efficiency": 0.93, "decode_stage": False, "efficiency_other": 0.8, "end_to_end_efficiency": 0.5,
+                        "efficiency": 0.93, "image_stage": False, "efficiency_other": 0.8, "end_to_end_efficiency": 0.5,
                         "startup_s": 3.0,
                         "first_output_s": 3.5, "bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58},
            "fastpath": {"rows": [{"channels_last": True, "overlap_entropy": False, "encode_img_s": 9.5, "decode_img_s": 2.25}],

@@ -239,16 +239,52 @@ def test_reads_stay_out_of_the_actors_and_decoding_goes_where_configured(ray_loc
     """Ray fuses map stages with equal remote args, a task stage into an actor pool too: with
     equal CPUs per read task and per actor the reads would run inside the actors, serially with
     the model. The graph must keep them apart; image decoding rides in the read tasks."""
-    from pipeline.run import build_dataset, read_sources
+    from pipeline.run import ImageStage, build_dataset, read_sources
     from pipeline.transform import decode_sources
 
     cfg = JobConfig(src="x", dst="y", actor_cpus=0.5, read_cpus=0.5)
     plan = {"num_gpus": gpus or None, "num_cpus": 0.5, "size": 1}
     capsys.readouterr()
-    build_dataset([{"work": "{}"}], read_sources, decode_sources, EncodeActor, {"spec": SPEC}, cfg, plan).explain()
+    build_dataset([{"work": "{}"}], read_sources, EncodeActor, {"spec": SPEC}, cfg, plan, ImageStage(pre=decode_sources)).explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in physical
     assert "TaskPoolMapOperator[MapBatches(read_sources)->MapBatches(decode_sources)]" in physical
+
+
+def test_png_stage_after_the_actors_writes_the_same_files(tmp_path, ray_local, capsys):
+    """decompress with PNG encoding + writing in tasks after the actors (the GPU default) gives
+    the files and rows the actors give when they do it themselves, inline and on Ray."""
+    from pipeline.run import ImageStage, build_dataset, read_bitstreams
+    from pipeline.transform import encode_outputs
+
+    spec = {**SPEC, "precision": "exact"}  # identical pixels whatever the batch composition
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    good = make_images(src, 7)
+    (src / "broken.png").write_bytes(b"not a png")
+    compress(JobConfig(src=str(src), dst=str(dst), codec=spec, shard_size=4), use_ray=False, progress=False, echo=lambda s: None)
+    files = {}
+    for name, stage, use_ray in (("actor", False, False), ("tasks", True, False), ("tasks_ray", True, True)):
+        out = tmp_path / name
+        res = decompress(JobConfig(src=str(dst), dst=str(out), codec=spec, image_stage=stage, rows_per_batch=3),
+                         use_ray=use_ray, progress=False, echo=lambda s: None)
+        assert res["run"]["pool"]["image_stage"] is stage and res["run"]["ok"] == len(good) and res["run"]["skipped"] == 1
+        files[name] = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.png")}
+    assert set(files["actor"]) == {k if k.endswith(".png") else k + ".png" for k in good}
+    assert files["tasks"] == files["actor"] and files["tasks_ray"] == files["actor"]
+    par = decompress(JobConfig(src=str(dst), dst=str(tmp_path / "par"), codec=spec, image_stage=True, format="parquet"),
+                     use_ray=False, progress=False, echo=lambda s: None)
+    t = st.read_dataset(str(tmp_path / "par"))
+    pngs = {r["key"]: r["png"] for r in t.to_pylist() if r["status"] == "ok"}
+    assert par["run"]["ok"] == len(good) and pngs == {
+        k: files["actor"][k if k.endswith(".png") else k + ".png"] for k in good}
+    # On Ray the PNG work is a task stage after the actor pool, not fused into it.
+    cfg = JobConfig(src="x", dst="y")
+    stage = ImageStage(post=encode_outputs, actor_kwargs={"emit_pixels": True})
+    capsys.readouterr()
+    build_dataset([{"work": "{}"}], read_bitstreams, DecodeActor, {"spec": SPEC}, cfg,
+                  {"num_gpus": 1, "num_cpus": 1.0, "size": 1}, stage).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(encode_outputs)]" in physical and "MapBatches(DecodeActor)]" in physical
 
 
 def test_job_reports_start_up_and_steady_rate(tmp_path):
@@ -333,12 +369,12 @@ def test_cli_config_file_flags_win_and_no_secrets(tmp_path, capsys, monkeypatch)
         assert secret not in out and secret not in manifest
         assert not any(secret in p.read_text() for p in (dst / "_commits").glob("*.json"))
     assert set(pq.read_table(dst / next(iter(sorted(p.name for p in dst.glob("part-*")))) ).column("t").to_pylist()) == {150}
-    assert json.loads(manifest)["config"]["decode_stage"] is None  # auto
+    assert json.loads(manifest)["config"]["image_stage"] is None  # auto
 
     dst2 = tmp_path / "dst2"
-    assert main(["compress", str(src), str(dst2), "--no-ray", "--decode-images-in", "read", "--no-progress"]) == 0
+    assert main(["compress", str(src), str(dst2), "--no-ray", "--image-io", "tasks", "--no-progress"]) == 0
     m2 = json.loads((dst2 / "_manifest.json").read_text())
-    assert m2["config"]["decode_stage"] is True and m2["last_run"]["pool"]["decode_stage"] is True
+    assert m2["config"]["image_stage"] is True and m2["last_run"]["pool"]["image_stage"] is True
     assert m2["totals"]["ok"] == 3
 
     bad = tmp_path / "bad.yaml"

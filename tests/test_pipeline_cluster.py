@@ -132,7 +132,7 @@ def test_two_nodes_one_actor_per_gpu_model_loaded_once(tmp_path):
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
     pool, workers = res["run"]["pool"], res["run"]["workers"]
     assert pool["size"] == 2 and pool["num_gpus"] == 1 and pool["device"] == "gpu"
-    assert pool["decode_stage"] is True  # GPU actors get decoded pixels from the read tasks
+    assert pool["image_stage"] is True  # GPU actors get decoded pixels from the read tasks
     assert len(workers) == 2, workers
     ids = [w.split(":") for w in workers]  # host:node:pid:CUDA_VISIBLE_DEVICES
     assert len({i[1] for i in ids}) == 2  # two nodes
