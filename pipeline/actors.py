@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .schema import BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from .storage import StorageOptions, get_fs, join, safe_key_path, write_atomic
-from .transform import PIXEL_COLUMNS, decoded_image
+from .transform import PIXEL_COLUMNS, decode_source, decoded_image
 
 # Codec loads in this process: tests and the manifest use it to prove "once per actor".
 CODEC_LOADS = 0
@@ -141,8 +141,6 @@ class EncodeActor:
 
         Rows may instead carry decoded pixels from the transform stage (`pixels`, `px_h`,
         `px_w`, `gray`, `alpha`, `source_sha256`, `decode_error`) in place of `data`."""
-        from codec import load_image
-
         out: list[dict | None] = [None] * len(rows)
         todo: list[tuple[int, Any]] = []
         for i, r in enumerate(rows):
@@ -152,26 +150,18 @@ class EncodeActor:
             if r.get("_sentinel"):
                 out[i] = base
                 continue
-            if "pixels" in r:  # decoded by the transform stage (pipeline/transform.py)
-                if r.get("source_sha256") is None:
-                    out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
-                    continue
-                base.update(source_sha256=r["source_sha256"], _source_bytes=r.get("_source_bytes"))
-                if r.get("pixels") is None:
-                    out[i] = _failed(base, _clean(f"not a usable image: {r.get('decode_error')}"))
-                    continue
-                img = decoded_image(r)
-            else:  # source bytes: hash and decode here
-                data = r.get("data")
-                if data is None:
-                    out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
-                    continue
-                base.update(source_sha256=sha256_hex(data), _source_bytes=len(data))
-                try:
-                    img = load_image(data, max_pixels=self.codec.config.max_pixels)
-                except Exception as e:  # ImageError and anything a hostile file provokes
-                    out[i] = _failed(base, _clean(f"not a usable image: {e}"))
-                    continue
+            if "pixels" in r:  # hashed and decoded by the transform stage
+                facts = {k: r.get(k) for k in ("source_sha256", "_source_bytes", "decode_error")}
+                img = decoded_image(r) if r.get("pixels") is not None else None
+            else:  # source bytes: hash and decode here, the same way
+                facts, img = decode_source(r.get("data"), self.codec.config.max_pixels)
+            if facts.get("source_sha256") is None:
+                out[i] = _failed(base, r.get("read_error") or "source could not be read", _source_bytes=0)
+                continue
+            base.update(source_sha256=facts["source_sha256"], _source_bytes=facts["_source_bytes"])
+            if img is None:
+                out[i] = _failed(base, _clean(f"not a usable image: {facts.get('decode_error')}"))
+                continue
             h, w = img.pixels.shape[:2]
             base.update(width=w, height=h)
             out[i] = base

@@ -27,26 +27,34 @@ DECODED_COLUMNS = [("source_sha256", pa.string()), ("_source_bytes", pa.int64())
                    ("decode_error", pa.string())]
 
 
+def decode_source(raw: bytes | None, max_pixels: int | None = None):
+    """Hash and decode one source: ({source_sha256, _source_bytes[, decode_error]}, LoadedImage or
+    None). Both the transform stage and actors that decode for themselves call this."""
+    from codec.images import DEFAULT_MAX_PIXELS, load_image
+
+    if raw is None:
+        return {}, None
+    facts = {"source_sha256": hashlib.sha256(raw).hexdigest(), "_source_bytes": len(raw)}
+    try:
+        return facts, load_image(raw, max_pixels=int(max_pixels or DEFAULT_MAX_PIXELS))
+    except Exception as e:  # ImageError and anything a hostile file provokes
+        return {**facts, "decode_error": str(e)}, None
+
+
 def decode_sources(batch: pa.Table, max_pixels: int | None = None) -> pa.Table:
     """Read-stage rows {key, source_uri, data, read_error, _...} -> the same rows with `data`
     replaced by decoded pixels (or `decode_error`). Sentinel rows pass through."""
-    from codec.images import DEFAULT_MAX_PIXELS, load_image
-
-    cap = int(max_pixels or DEFAULT_MAX_PIXELS)
     data = batch.column("data").to_pylist()
     sentinel = batch.column("_sentinel").fill_null(False).to_pylist()
     new = {name: [] for name, _ in DECODED_COLUMNS}
     for raw, is_sentinel in zip(data, sentinel):
         vals = dict.fromkeys(new)
-        if not is_sentinel and raw is not None:
-            vals["source_sha256"] = hashlib.sha256(raw).hexdigest()
-            vals["_source_bytes"] = len(raw)
-            try:
-                img = load_image(raw, max_pixels=cap)
+        if not is_sentinel:
+            facts, img = decode_source(raw, max_pixels)
+            vals.update(facts)
+            if img is not None:
                 vals.update(pixels=img.pixels.tobytes(), px_h=img.pixels.shape[0], px_w=img.pixels.shape[1],
                             gray=img.gray, alpha=img.alpha)
-            except Exception as e:  # ImageError and anything a hostile file provokes
-                vals["decode_error"] = str(e)
         for k, v in vals.items():
             new[k].append(v)
     out = batch.drop_columns([c for c in ["data", *new] if c in batch.column_names])
@@ -68,8 +76,6 @@ def decoded_image(row: dict):
 def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa.Table:
     """Decode actors' rows with raw `pixels` -> finished decoded rows: PNG bytes in the row, or
     the PNG written to `out_url/<dest>` (atomically). Other rows (failures, sentinels) pass."""
-    import numpy as np
-
     from .actors import _table, finish_decoded
     from .schema import DECODED_SCHEMA
     from .storage import get_fs
@@ -77,8 +83,9 @@ def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa
     fs, root = get_fs(out_url, opts) if out_url is not None else (None, None)
     out = []
     for r in batch.to_pylist():
-        px, h, w, gray, dest = (r.pop(k, None) for k in ("pixels", "px_h", "px_w", "gray", "_dest"))
-        if px is not None:
-            r = finish_decoded(r, np.frombuffer(px, dtype=np.uint8).reshape(h, w, 3), bool(gray), dest, fs, root)
-        out.append(r)
+        img = decoded_image(r) if r.get("pixels") is not None else None
+        dest = r.get("_dest")
+        for name, _ in PIXEL_COLUMNS:
+            r.pop(name, None)
+        out.append(finish_decoded(r, img.pixels, img.gray, dest, fs, root) if img is not None else r)
     return _table(out, DECODED_SCHEMA)
