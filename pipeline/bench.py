@@ -16,6 +16,19 @@ from .actors import load_codec_from_spec
 from .run import JobConfig, compress, steady_rate
 
 
+def processes(pattern: str) -> list[dict]:
+    """`psutil` info (pid, cmdline, memory_info) of this machine's processes whose command line
+    contains `pattern` (Ray names actor processes after their class)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        try:
+            if pattern in " ".join(p.info["cmdline"] or []):
+                found.append(p.info)
+        except psutil.Error:
+            continue
+    return found
+
+
 class RssSampler:
     """Samples the RSS of this machine's Ray actor processes running `pattern` (peak per pid)."""
 
@@ -26,13 +39,9 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if self.pattern in cmd and p.info["memory_info"] is not None:
-                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.info["memory_info"].rss)
-                except psutil.Error:
-                    continue
+            for info in processes(self.pattern):
+                if info["memory_info"] is not None:
+                    self.peak[info["pid"]] = max(self.peak.get(info["pid"], 0), info["memory_info"].rss)
             self._stop.wait(self.every)
 
     def __enter__(self) -> "RssSampler":
@@ -44,19 +53,12 @@ class RssSampler:
         self._t.join()
 
 
-def quiesce(pattern: str = "Actor", timeout_s: float = 20.0) -> None:
-    """Wait until the previous job's actor processes have exited (Ray kills them asynchronously),
-    so a measurement does not share the CPUs with their shutdown."""
+def quiesce(pattern: str = "MapWorker", timeout_s: float = 20.0) -> None:
+    """Wait until the previous job's actor processes (Ray Data's actor pools run in `MapWorker`
+    processes) have exited: Ray kills them asynchronously, and a measurement must not share the
+    CPUs with their shutdown."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = False
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                alive |= any(pattern in part and "MapWorker" in part for part in (p.info["cmdline"] or []))
-            except psutil.Error:
-                continue
-        if not alive:
-            return
+    while processes(pattern) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
