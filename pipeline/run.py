@@ -246,6 +246,25 @@ class Throughput:
         return {"first_output_s": first, "steady_images_per_s": steady_rate(self.arrivals)}
 
 
+def _commit_stream(tables: Iterator[pa.Table], col: ShardCollector, rate: Throughput, bar, run: dict,
+                   failures: list, commit: Callable[[str, pa.Table | None], dict]) -> None:
+    """Feed output tables to the collector and `commit` each completed shard, adding the
+    commit's per-run counts (its "_run") to `run` and its failures to `failures`."""
+    try:
+        for table in tables:
+            done, n = col.add(table)
+            rate.add(n)
+            bar.update(n)
+            for sid, rows in done:
+                got = commit(sid, rows)["_run"]
+                for k in run:
+                    run[k] += got.get(k, 0) if k != "shards" else 1
+                failures.extend(got["failures"])
+                bar.set_postfix(ok=run["ok"], failed=run["failed"], shards=run["shards"])
+    finally:
+        bar.close()
+
+
 def _progress(total: int | None, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -366,24 +385,11 @@ def compress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: boo
     items = [{"work": json.dumps(w)} for w in work]
     read_fn = _partial(read_sources, opts=opts, image_column=cfg.image_column)
     stage = ImageStage(pre=_partial(decode_sources, max_pixels=normalize_codec(cfg.codec).get("max_pixels")))
-    bar = _progress(est or None, "compress", progress)
-    t_start = time.perf_counter()
     rate = Throughput()
-    try:
-        for table in (_execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info, stage) if work else []):
-            done, n = col.add(table)
-            rate.add(n)
-            bar.update(n)
-            for sid, rows in done:
-                stats = _commit_compressed(fs, root, sid, rows, by_id[sid], committed.get(sid), cfg)
-                for k in run:
-                    run[k] += stats["_run"].get(k, 0)
-                run["shards"] += 1
-                failures.extend(stats["_run"]["failures"])
-                bar.set_postfix(ok=run["ok"], failed=run["failed"], shards=run["shards"])
-    finally:
-        bar.close()
-    wall = time.perf_counter() - t_start
+    tables = _execute(items, read_fn, EncodeActor, {"spec": cfg.codec}, cfg, use_ray, est, info, stage) if work else []
+    _commit_stream(tables, col, rate, _progress(est or None, "compress", progress), run, failures,
+                   lambda sid, rows: _commit_compressed(fs, root, sid, rows, by_id[sid], committed.get(sid), cfg))
+    wall = time.perf_counter() - rate.t0
 
     committed = st.committed_shards(fs, root)
     tot = _totals(committed)
@@ -526,26 +532,12 @@ def decompress(cfg: JobConfig, opts: st.StorageOptions | None = None, use_ray: b
     failures: list[tuple[str, str]] = []
     col = ShardCollector()
     by_id = {w["id"]: w for w in work}
-    bar = _progress(est or None, "decompress", progress)
-    t_start = time.perf_counter()
+    items = [{"work": json.dumps(w)} for w in work]
     rate = Throughput()
-    try:
-        items = [{"work": json.dumps(w)} for w in work]
-        for table in (_execute(items, _partial(read_bitstreams, opts=opts), DecodeActor, kwargs, cfg, use_ray, est, info, stage) if work else []):
-            got, n = col.add(table)
-            rate.add(n)
-            bar.update(n)
-            for sid, rows in got:
-                stats = _commit_decoded(dfs, droot, sid, rows, by_id[sid], done.get(sid), src_shards[sid], cfg)
-                for k in ("rows", "ok", "failed", "skipped", "output_bytes"):
-                    run[k] += stats["_run"][k]
-                run["input_bytes"] += stats["_run"]["input_bytes"]
-                run["shards"] += 1
-                failures.extend(stats["_run"]["failures"])
-                bar.set_postfix(ok=run["ok"], failed=run["failed"], shards=run["shards"])
-    finally:
-        bar.close()
-    wall = time.perf_counter() - t_start
+    tables = _execute(items, _partial(read_bitstreams, opts=opts), DecodeActor, kwargs, cfg, use_ray, est, info, stage) if work else []
+    _commit_stream(tables, col, rate, _progress(est or None, "decompress", progress), run, failures,
+                   lambda sid, rows: _commit_decoded(dfs, droot, sid, rows, by_id[sid], done.get(sid), src_shards[sid], cfg))
+    wall = time.perf_counter() - rate.t0
     done = st.committed_shards(dfs, droot)
     tot = _totals(done)
     run_stats = {**run, "seconds": round(wall, 3), "images_per_s": run["rows"] / wall if wall > 0 and run["rows"] else None,
