@@ -138,6 +138,21 @@ def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def _train_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module, lr: float) -> None:
+    """One Adam step at learning rate `lr`, gradients clipped to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+
+
+def _due(step: int, every: int, n_steps: int) -> bool:
+    """Whether step (0-based) ends a period of `every` steps or the run."""
+    return (step + 1) % every == 0 or step + 1 == n_steps
+
+
 # ---------------------------------------------------------------------------------------- VAE
 def train_vae(images: list[np.ndarray], cfg: TrainConfig, log: Callable[[str], None] = print,
               ckpt: Path | None = None):
@@ -153,25 +168,19 @@ def train_vae(images: list[np.ndarray], cfg: TrainConfig, log: Callable[[str], N
     t0, run_mse = time.time(), None
     n_steps = min(cfg.vae_steps, cfg.vae_stop_at or cfg.vae_steps)
     for step in range(n_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
         x = _random_crops(pool, cfg.vae_batch, cfg.vae_crop, rng)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
         mse = F.mse_loss(y, x)
         kl = post.kl().mean() / post.mean[0].numel()
-        loss = mse + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _train_step(opt, mse + cfg.kl_weight * kl, vae, _lr(step, cfg.vae_steps, cfg.vae_lr))
         m = float(mse.detach())
         run_mse = m if run_mse is None else 0.98 * run_mse + 0.02 * m
-        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+        if _due(step, cfg.log_every, n_steps):
             # PSNR of [-1, 1] images: MSE on the 0..255 scale is mse * 127.5².
             log(f"vae step {step + 1}/{cfg.vae_steps}  mse {run_mse:.5f}  "
                 f"psnr~{10 * math.log10(4.0 / max(run_mse, 1e-12)):.2f} dB  kl {float(kl.detach()):.2f}  {time.time() - t0:.0f}s")
-        if ckpt is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == n_steps):
+        if ckpt is not None and _due(step, cfg.ckpt_every, n_steps):
             torch.save({"step": step + 1, "state": vae.state_dict()}, ckpt)
     return vae.eval().requires_grad_(False)
 
@@ -253,8 +262,6 @@ def train_unet(latents: list[torch.Tensor], cfg: TrainConfig, log: Callable[[str
     t0, run = time.time(), None
     n_steps = min(cfg.unet_steps, cfg.unet_stop_at or cfg.unet_steps)
     for step in range(n_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
         z = _random_crops(pool, cfg.unet_batch, cfg.unet_crop, rng, augment=False)
         t = torch.randint(1, cfg.t_max + 1, (z.shape[0],), generator=gen)
         x_t, eps = corrupt(z, t, ac, gen)
@@ -265,16 +272,13 @@ def train_unet(latents: list[torch.Tensor], cfg: TrainConfig, log: Callable[[str
         else:
             target = eps
         loss = F.mse_loss(out, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        _train_step(opt, loss, unet, _lr(step, cfg.unet_steps, cfg.unet_lr))
         lv = float(loss.detach())
         run = lv if run is None else 0.98 * run + 0.02 * lv
-        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+        if _due(step, cfg.log_every, n_steps):
             # loss < 1 means the UNet explains part of the quantization noise (1 = no better than 0).
             log(f"unet step {step + 1}/{cfg.unet_steps}  loss {run:.4f}  {time.time() - t0:.0f}s")
-        if ckpt is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == n_steps):
+        if ckpt is not None and _due(step, cfg.ckpt_every, n_steps):
             torch.save({"step": step + 1, "state": unet.state_dict(), "prompt": prompt}, ckpt)
     return unet.eval().requires_grad_(False), prompt
 
