@@ -12,6 +12,7 @@ This module knows nothing of Ray or storage: lists of arrays and bytes in, lists
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -101,6 +102,10 @@ class DiffusionCodec:
             entropy_model = ENTROPY_MODELS[self.config.entropy](backbone.latent_channels)
         self.entropy = entropy_model.eval()
         self.entropy.update()
+        if estimator is not None and prec == "float64":
+            # exact mode promises the same bytes at any thread count: γ and t too, so a float64 copy
+            # (the caller's module and the saved weights stay float32)
+            estimator = copy.deepcopy(estimator).double()
         self.estimator = estimator.eval() if estimator is not None else None
         self._fp: bytes | None = None
 
@@ -183,7 +188,8 @@ class DiffusionCodec:
         """γ = (shift, scale) per channel as float16 (as stored), and the estimator's t if any."""
         if self.estimator is not None:
             with torch.inference_mode():
-                shift, scale, t = self.estimator(z[None].float(), torch.tensor([self.config.lam]))
+                dtype = next(self.estimator.parameters()).dtype
+                shift, scale, t = self.estimator(z[None].to(dtype), torch.tensor([self.config.lam], dtype=dtype))
             return (shift[0].numpy().astype(np.float16), scale[0].numpy().astype(np.float16),
                     int(round(float(t[0]))))
         shift = z.double().mean(dim=(1, 2)).numpy().astype(np.float16)
@@ -332,7 +338,7 @@ class DiffusionCodec:
                "backbone_fingerprint": self.backbone.fingerprint().hex(),
                "codec_fingerprint": self.fingerprint().hex(), "lam": self.config.lam}
         if self.estimator is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.estimator.state_dict().items()},
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in self.estimator.state_dict().items()},
                       str(out / "estimator.safetensors"))
             cfg["estimator_hidden"] = self.estimator.features[0].out_channels
         (out / "codec_config.json").write_text(json.dumps(cfg, indent=2))

@@ -58,3 +58,41 @@ def test_float32_decode_differs_by_at_most_one_level():
     frac = sum(int((d > 0).sum()) for d in diffs) / sum(d.size for d in diffs)
     print(f"float32: max diff {max(int(d.max()) for d in diffs)}, differing pixels {frac:.2e}")
     assert max(int(d.max()) for d in diffs) <= 1 and frac < 1e-3
+
+
+EST_SCRIPT = textwrap.dedent("""
+    import sys, pickle, torch
+    torch.set_num_threads(int(sys.argv[1]))
+    from codec import CodecConfig, DiffusionCodec, load_backbone
+    from codec.estimator import ParameterEstimator
+    from jobs.samples import sample_image
+    torch.manual_seed(0)
+    est = ParameterEstimator(4)
+    with torch.no_grad():  # an untrained head outputs zeros; give γ and t something to compute
+        for p in est.head[-1].parameters():
+            p.normal_(0, 0.3)
+    c = DiffusionCodec(load_backbone("tiny"), estimator=est, config=CodecConfig(precision="exact"))
+    assert est.head[-1].weight.dtype == torch.float32  # the caller's module is left as it was
+    assert c.estimator.head[-1].weight.dtype == torch.float64
+    import tempfile
+    from safetensors.torch import load_file
+    with tempfile.TemporaryDirectory() as d:  # saved weights stay float32 whatever the precision
+        c.save_pretrained(d)
+        assert {v.dtype for v in load_file(d + "/estimator.safetensors").values()} == {torch.float32}
+    imgs = [sample_image(i, 64 + 8 * i, 64) for i in range(6)]
+    sys.stdout.buffer.write(pickle.dumps([(e.data, e.t) for e in c.encode(imgs)]))
+""")
+
+
+def test_exact_mode_estimator_encodes_same_bytes_at_any_thread_count():
+    """Exact mode runs the estimator in float64 too, so γ and t (in the header) do not depend on threads."""
+    import pickle
+
+    def run(threads: str):
+        p = subprocess.run([sys.executable, "-c", EST_SCRIPT, threads], capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        return pickle.loads(p.stdout)
+
+    one, two = run("1"), run("2")
+    assert one == two
+    assert len({t for _, t in one}) > 1  # the estimator's t really varies by image
