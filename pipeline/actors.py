@@ -226,13 +226,13 @@ class DecodeActor:
         self.codec = load_codec_from_spec(spec)
         self.steps = spec.get("steps")
         self.worker = worker_id()
-        self.out_url = out_url
         self.emit_pixels = emit_pixels  # leave PNG encoding + writing to transform.encode_outputs
+        self.schema = (pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS])
+                       if emit_pixels else DECODED_SCHEMA)
         self.fs, self.root = get_fs(out_url, opts) if out_url is not None else (None, None)
 
     def __call__(self, batch: Any) -> pa.Table:
-        schema = pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS]) if self.emit_pixels else DECODED_SCHEMA
-        return _table(self.decode_rows(rows_of(batch)), schema)
+        return _table(self.decode_rows(rows_of(batch)), self.schema)
 
     def decode_rows(self, rows: list[dict]) -> list[dict]:
         """Rows {key, bitstream, bitstream_sha256, width, height, status, _...} -> decoded rows.

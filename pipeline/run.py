@@ -126,11 +126,17 @@ class ImageStage:
     actor_kwargs: dict = field(default_factory=dict)
 
 
+def _image_stage_on(cfg: JobConfig, device: str) -> bool:
+    """Whether image work runs in tasks beside actors on `device`: as configured, or by default
+    only beside GPU actors (JobConfig.image_stage)."""
+    return cfg.image_stage if cfg.image_stage is not None else device == "gpu"
+
+
 def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs: dict, cfg: JobConfig,
              use_ray: bool, est_rows: int, info: dict, stage: ImageStage | None = None) -> Iterator[pa.Table]:
     """Run read [-> pre] -> actor [-> post] over `items` (one per shard); yields the output tables."""
     if not use_ray:
-        stage = stage if stage and cfg.image_stage else None
+        stage = stage if stage and _image_stage_on(cfg, "inline") else None
         actor = actor_cls(**actor_kwargs, **(stage.actor_kwargs if stage else {}))
         info["pool"] = {"size": 1, "device": "inline", "image_stage": stage is not None}
         pre = stage.pre if stage and stage.pre else (lambda t: t)
@@ -146,8 +152,7 @@ def _execute(items: list[dict], read_fn: Callable, actor_cls: type, actor_kwargs
     # first batch on, and a cluster too small for the pool fails with a clear timeout, not a hang.
     DataContext.get_current().wait_for_min_actors_s = cfg.actor_start_timeout_s
     plan = pool_plan(cfg, max(1, -(-est_rows // max(1, cfg.rows_per_batch))) if est_rows else 1 << 30)
-    if stage is not None and not (cfg.image_stage if cfg.image_stage is not None else plan["device"] == "gpu"):
-        stage = None
+    stage = stage if stage and _image_stage_on(cfg, plan["device"]) else None
     plan["image_stage"] = stage is not None
     info["pool"] = plan
     ds = build_dataset(items, read_fn, actor_cls, actor_kwargs, cfg, plan, stage)
