@@ -146,9 +146,9 @@ def _pipeline_section(args, spec: dict, small: list[Path], big: list[Path]) -> d
     reps = []
     for _ in range(max(1, args.repeats)):
         runs = {"bare_loop": bare_loop(small, spec, args.batch), "bare_loop_4x": bare_loop(big, spec, args.batch)}
-        for name, stage in (("ray_job", None), ("ray_job_other", None)):
-            if name == "ray_job_other":  # the other place for image decoding than the default's
-                stage = not runs["ray_job"]["image_stage"]
+        for name in ("ray_job", "ray_job_other"):
+            # the default placement of image decoding, then the other place
+            stage = None if name == "ray_job" else not runs["ray_job"]["image_stage"]
             runs[name] = ray_job(src_n, spec, 1, args.batch, args.batch, image_stage=stage)
             runs[name + "_4x"] = ray_job(src_4n, spec, 1, args.batch, args.batch, image_stage=stage)
         bare = marginal(runs["bare_loop"], runs["bare_loop_4x"])

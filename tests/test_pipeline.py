@@ -234,6 +234,13 @@ def test_transform_stage_respects_the_pixel_cap(tmp_path):
     assert out["source_sha256"] == actors.sha256_hex(t.column("data")[0].as_py()) and out["_source_bytes"] > 0
 
 
+def _physical_plan(capsys, ds) -> str:
+    """The optimized physical plan Ray Data prints for `ds` (which stages it fused)."""
+    capsys.readouterr()
+    ds.explain()
+    return capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+
+
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_reads_stay_out_of_the_actors_and_decoding_goes_where_configured(ray_local, capsys, gpus):
     """Ray fuses map stages with equal remote args, a task stage into an actor pool too: with
@@ -244,9 +251,8 @@ def test_reads_stay_out_of_the_actors_and_decoding_goes_where_configured(ray_loc
 
     cfg = JobConfig(src="x", dst="y", actor_cpus=0.5, read_cpus=0.5)
     plan = {"num_gpus": gpus or None, "num_cpus": 0.5, "size": 1}
-    capsys.readouterr()
-    build_dataset([{"work": "{}"}], read_sources, EncodeActor, {"spec": SPEC}, cfg, plan, ImageStage(pre=decode_sources)).explain()
-    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    physical = _physical_plan(capsys, build_dataset([{"work": "{}"}], read_sources, EncodeActor, {"spec": SPEC}, cfg, plan,
+                                                    ImageStage(pre=decode_sources)))
     assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in physical
     assert "TaskPoolMapOperator[MapBatches(read_sources)->MapBatches(decode_sources)]" in physical
 
@@ -280,10 +286,8 @@ def test_png_stage_after_the_actors_writes_the_same_files(tmp_path, ray_local, c
     # On Ray the PNG work is a task stage after the actor pool, not fused into it.
     cfg = JobConfig(src="x", dst="y")
     stage = ImageStage(post=encode_outputs, actor_kwargs={"emit_pixels": True})
-    capsys.readouterr()
-    build_dataset([{"work": "{}"}], read_bitstreams, DecodeActor, {"spec": SPEC}, cfg,
-                  {"num_gpus": 1, "num_cpus": 1.0, "size": 1}, stage).explain()
-    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    physical = _physical_plan(capsys, build_dataset([{"work": "{}"}], read_bitstreams, DecodeActor, {"spec": SPEC}, cfg,
+                                                    {"num_gpus": 1, "num_cpus": 1.0, "size": 1}, stage))
     assert "TaskPoolMapOperator[MapBatches(encode_outputs)]" in physical and "MapBatches(DecodeActor)]" in physical
 
 
