@@ -35,7 +35,7 @@ from .noise import step_size
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_T = 100
 DEFAULT_STEPS = 8
-CODEC_VERSION = "0.1.0"
+from .version import CODEC_VERSION  # noqa: E402 - re-exported
 
 
 class CodecError(ValueError):

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: codec options, one-line errors, atomic writes."""
+"""Shared CLI plumbing: exit codes, one-line errors, atomic writes, the codec from the options."""
 from __future__ import annotations
 
 import argparse
@@ -7,56 +7,39 @@ import sys
 import traceback
 from pathlib import Path
 
+from .options import add_codec_options, codec_spec
+
+# Exit codes of every job (documented in `fcodec --help` and the README):
+EXIT_OK = 0  # every row (image) succeeded
+EXIT_SOME_FAILED = 1  # the job finished, some rows failed (status = 'failed' rows; --retry-failed)
+EXIT_ERROR = 2  # the job could not run, or nothing succeeded
+EXIT_CODES_HELP = ("exit codes: 0 = all images ok; 1 = finished, some images failed (recorded as failed rows); "
+                   "2 = could not run (bad arguments, missing SRC, another run holds DST, codec mismatch) or nothing "
+                   "succeeded")
+
 # Known, user-facing failures: printed as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
 
 
+def exit_code(run: dict, totals: dict) -> int:
+    """The exit code of a dataset job from this run's counts (or the dataset's, when this run had
+    nothing to do)."""
+    c = run if run.get("rows") else totals
+    if not c.get("rows"):
+        return EXIT_OK
+    if c.get("ok", 0) == 0:
+        return EXIT_ERROR
+    return EXIT_SOME_FAILED if c.get("failed", 0) else EXIT_OK
+
+
 def add_codec_args(p: argparse.ArgumentParser, encode: bool = True, decode: bool = True) -> None:
     """The codec options every job shares (`fcodec encode`, `compress`, `audit`, ...)."""
-    from codec import default_backbone
-
-    g = p.add_argument_group("codec")
-    g.add_argument("--backbone", default=default_backbone(),
-                   help="tiny (random, for trying the system, not quality) | nano (the project's own small "
-                        "trained backbone) | a hub id (stabilityai/stable-diffusion-2-1) | a local snapshot folder "
-                        "(default: %(default)s)")
-    g.add_argument("--vae", default=None, metavar="DIR",
-                   help="a TAESD-style autoencoder folder (taesd_encoder/decoder .safetensors or .pth) used instead of the backbone's VAE")
-    g.add_argument("--entropy", choices=["static", "hyperprior"], default="static",
-                   help="entropy model: static (training-free, per-channel Gaussian) or hyperprior (needs --codec-weights to be good)")
-    g.add_argument("--codec-weights", default=None, metavar="DIR", help="trained entropy model/estimator folder from `fcodec train`")
-    g.add_argument("--device", default=None, help="torch device for the VAE/UNet (default: cuda if available, else cpu)")
-    g.add_argument("--precision", default="auto", choices=["auto", "float32", "exact", "float64", "bfloat16", "float16"],
-                   help="network precision; auto = bfloat16 on a GPU, float32 on the CPU (the entropy path is always "
-                        "exact); 'exact' (float64) makes decoded pixels identical across batch sizes and thread counts, "
-                        "at a large CPU cost (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
-    if encode:
-        r = g.add_mutually_exclusive_group()
-        r.add_argument("--t", type=int, default=None, metavar="N",
-                       help="diffusion step whose noise the quantization matches (1..999; larger = fewer bits; default 100 or the trained estimator's choice)")
-        r.add_argument("--target-bpp", type=float, default=None, metavar="X", help="search t per image to meet X bits per pixel (within 5%% where the image allows)")
-    if decode:
-        g.add_argument("--steps", type=int, default=None, metavar="K",
-                       help="decoder DDIM budget: at most K UNet calls from t to 0; 0 = no denoising (default 8)")
+    add_codec_options(p, encode=encode, decode=decode)
 
 
 def codec_from_args(args: argparse.Namespace):
     """Build the codec the options describe."""
-    import torch
-
-    from codec import CodecConfig, load_codec
-
-    cfg = CodecConfig(batch_size=args.batch_size, precision=args.precision)
-    if getattr(args, "t", None) is not None:
-        cfg.t = args.t
-    if getattr(args, "target_bpp", None) is not None:
-        cfg.target_bpp = args.target_bpp
-    if getattr(args, "steps", None) is not None:
-        cfg.steps = args.steps
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    return load_codec(args.backbone, vae=args.vae, entropy=args.entropy, codec_weights=args.codec_weights,
-                      device=device, config=cfg)
+    return codec_spec(args).build()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -82,4 +65,4 @@ def run_guarded(fn, args: argparse.Namespace) -> int:
         if not isinstance(e, USER_ERRORS):
             msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
         print(f"fcodec: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR

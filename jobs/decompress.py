@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_codec_args
-from .compress import add_job_args, run_job
+from .common import EXIT_CODES_HELP
+from .compress import add_dataset_job_args, run_dataset_job
+from .options import add_codec_options, add_positional
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("decompress", help="decode a Parquet bitstream dataset to PNGs (Ray job)",
-                       description="Decode every committed row of a `fcodec compress` dataset at SRC. PNGs are "
-                                   "written under DST with the original keys (key + '.png' unless it ends in .png); "
-                                   "checksums are verified and keys that would escape DST are refused. Pass the "
-                                   "codec options the dataset was compressed with.")
-    p.add_argument("src", nargs="?", help="bitstream dataset folder or bucket prefix")
-    p.add_argument("dst", nargs="?", help="output folder or bucket prefix")
+                       description="Decode every committed row of a `fcodec compress` dataset at SRC with the codec "
+                                   "the dataset names (its manifest); codec flags are only needed for a different "
+                                   "device or speed, and must agree with the dataset. PNGs are written under DST "
+                                   "with the original keys (key + '.png' unless it ends in .png); checksums are "
+                                   "verified and keys that would escape DST are refused.",
+                       epilog=EXIT_CODES_HELP)
+    add_positional(p, "src", "bitstream dataset folder or bucket prefix")
+    add_positional(p, "dst", "output folder or bucket prefix")
     p.add_argument("--format", choices=["png", "parquet"], default="png",
                    help="png: one file per key; parquet: part files with a `png` bytes column (default: %(default)s)")
-    add_job_args(p)
-    add_codec_args(p, encode=False, decode=True)
-    p.set_defaults(_parser=p)
+    add_dataset_job_args(p)
+    add_codec_options(p, encode=False, decode=True)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    res = run_job(args, "decompress")
-    return 0 if res["run"]["failed"] == 0 else 1
+    return run_dataset_job(args, "decompress")

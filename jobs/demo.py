@@ -6,6 +6,7 @@ dataset, `decompress`es that back to PNGs, and prints the job stats and the qual
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def _fresh(d: Path) -> None:
     """Start the demo's own output folders clean (only folders this job wrote: they hold _manifest.json)."""
-    if d.is_dir() and ((d / "_manifest.json").exists() or (d / "_commits").exists()):
+    if d.is_dir() and any((d / n).exists() for n in ("__fcodec__", "_manifest.json", "_commits")):
         shutil.rmtree(d)
 
 
@@ -35,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from codec import psnr
-    from pipeline.actors import output_key
-    from pipeline.run import JobConfig, compress, decompress, init_ray
+    from pipeline.raystart import ray_session
+    from pipeline.rows import output_key
+    from pipeline.run import JobConfig, compress, decompress
 
-    from .compress import codec_spec
+    from .options import codec_given
     from .samples import write_samples
 
     out = Path(args.out)
@@ -46,20 +48,15 @@ def run(args: argparse.Namespace) -> int:
     for d in (archive, decoded):
         _fresh(d)
     paths = write_samples(originals, n=args.n)
-    spec = codec_spec(args)
-    if spec["backbone"] == "tiny":
+    spec = codec_given(args)
+    if spec.get("backbone") == "tiny":
         print("note: the tiny backbone has random weights: it is for trying the system, not for quality")
-    started = False if args.no_ray else init_ray(None)
-    try:
+    with ray_session(None) if not args.no_ray else contextlib.nullcontext():
         c = compress(JobConfig(src=str(originals), dst=str(archive), codec=spec, workers=args.workers, shard_size=8),
                      use_ray=not args.no_ray)
-        d = decompress(JobConfig(src=str(archive), dst=str(decoded), codec=spec, workers=args.workers),
+        d = decompress(JobConfig(src=str(archive), dst=str(decoded), workers=args.workers,
+                                 codec={k: v for k, v in spec.items() if k in ("steps", "device", "precision", "batch_size")}),
                        use_ray=not args.no_ray)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     scores = []
     for p in paths:
         a = np.asarray(Image.open(p).convert("RGB"))

@@ -74,9 +74,26 @@ def list_inputs(src: str, opts: StorageOptions | None = None) -> tuple[list[tupl
     relative to the directory, the glob's fixed prefix, or the file's parent. Names starting
     with '_' or '.' (job metadata, hidden files) and unknown extensions are ignored.
     """
+    entries, ignored = list_entries(src, opts)
+    return [e[:4] for e in entries], ignored
+
+
+def list_entries(src: str, opts: StorageOptions | None = None) -> tuple[list[tuple[str, str, str, int, str]], int]:
+    """Like `list_inputs`, with a change token per entry: (key, url, kind, size, token), where the
+    token is what the store says changes with the content (ETag on S3, generation on GCS, mtime
+    locally), so a rerun can tell changed sources from unchanged ones without reading them.
+
+    A path that exists is taken literally, even with `[ ] * ?` in its name; only a path that
+    does not exist is expanded as a glob.
+    """
     fs, path = get_fs(src, opts)
-    path = path.rstrip("/")
-    if any(c in GLOB_CHARS for c in path):
+    path = path.rstrip("/") or "/"
+    if fs.exists(path):
+        if fs.isdir(path):
+            root, files = path, fs.find(path, detail=True)
+        else:
+            root, files = posixpath.dirname(path), {path: fs.info(path)}
+    elif any(c in GLOB_CHARS for c in path):
         fixed = []
         for comp in path.split("/"):
             if any(c in GLOB_CHARS for c in comp):
@@ -85,12 +102,6 @@ def list_inputs(src: str, opts: StorageOptions | None = None) -> tuple[list[tupl
         root = "/".join(fixed)
         found = fs.glob(path, detail=True)
         files = {p: info for p, info in found.items() if info.get("type") != "directory"}
-    elif fs.isdir(path):
-        root = path
-        files = fs.find(path, detail=True)
-    elif fs.exists(path):
-        root = posixpath.dirname(path)
-        files = {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"no input at '{src}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
     out, ignored = [], 0
@@ -103,9 +114,18 @@ def list_inputs(src: str, opts: StorageOptions | None = None) -> tuple[list[tupl
         if kind is None:
             ignored += 1
             continue
-        out.append((rel, full_url(fs, p), kind, int(info.get("size") or 0)))
+        out.append((rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info)))
     out.sort()
     return out, ignored
+
+
+def change_token(info: dict) -> str:
+    """What changes when an object's content does, per the listing (no read needed)."""
+    for k in ("ETag", "etag", "generation", "md5Hash"):
+        if info.get(k):
+            return str(info[k]).strip('"')
+    m = info.get("mtime") or info.get("LastModified") or info.get("updated")
+    return f"{info.get('size')}@{m.timestamp() if hasattr(m, 'timestamp') else m}"
 
 
 def plan_shards(inputs: list[tuple[str, str, str, int]], shard_size: int = 256) -> list[Shard]:

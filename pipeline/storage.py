@@ -1,15 +1,7 @@
 """Storage I/O: fsspec filesystems from URLs (local, s3:// with any endpoint, gs://), pyarrow
 glue, atomic writes, and the on-disk layout of a dataset the jobs write.
 
-Dataset layout (a directory or an object-store prefix):
-
-    DST/part-<shard>.parquet       one file per input shard (deterministic name)
-    DST/_commits/<shard>.json      per-shard stats, written LAST: the shard's commit marker
-    DST/_manifest.json             dataset totals and the resolved job config
-    DST/_tmp/                      local temp files before their rename (ignored by readers)
-
-Readers (pandas, pyarrow, DuckDB, Ray) skip names starting with `_` or `.`, so a shard is
-visible only once its Parquet file is complete, and counted only once its marker exists.
+Where a dataset's files go and what they mean is `layout.py`; this module only moves bytes.
 
 Credentials: taken from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
 AWS_SESSION_TOKEN, or the provider's default chain) and never printed or written anywhere:
@@ -28,9 +20,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-COMMITS = "_commits"
-MANIFEST = "_manifest.json"
-TMP = "_tmp"
+from .layout import TMP
+
+# One retry policy for object storage: botocore's adaptive mode (exponential backoff plus
+# client-side rate limiting when the store answers SlowDown), at most this many attempts per
+# request, with connect/read timeouts, so one request gives up after about two minutes at worst.
+# s3fs's own retry loop is set to a single pass, so retries are never stacked.
+S3_MAX_ATTEMPTS = 8
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
 
 
 @dataclass
@@ -71,6 +69,8 @@ class StorageOptions:
                     kw["token"] = self.token
             if self.region:
                 kw["client_kwargs"] = {"region_name": self.region}
+            kw["config_kwargs"] = {"retries": {"mode": "adaptive", "total_max_attempts": S3_MAX_ATTEMPTS},
+                                   "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
             return kw
         if protocol in ("gs", "gcs") and self.anon:
             return {"token": "anon"}
@@ -92,6 +92,8 @@ def get_fs(url: str, opts: StorageOptions | None = None):
         fs, path = fsspec.core.url_to_fs(url, **opts.fsspec_kwargs(proto))
     except ImportError as e:
         raise RuntimeError(f"cannot open {proto}:// URLs: {e} (install the fsspec backend, e.g. `pip install gcsfs` for gs://)") from None
+    if proto in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop off: botocore's adaptive retries are the one policy
     return fs, path
 
 
@@ -130,41 +132,9 @@ def write_atomic(fs, path: str, data: bytes) -> None:
                 f.write(data)
 
         _replace_atomically(tmp, path, write)
-    else:
-        def put() -> None:
-            with fs.open(path, "wb") as f:
-                f.write(data)
-
-        with_retries(put, f"write {full_url(fs, path)}")
-
-
-# Object-store writes (part files, commit markers, manifests, PNGs) are retried this many times
-# with exponential backoff on top of botocore's own retries (~5-10 s per call), so an endpoint
-# that is down for up to about a minute costs time, not the job; after that the error is raised
-# and the shard stays uncommitted (a rerun redoes it).
-WRITE_ATTEMPTS = 4
-WRITE_BACKOFF_S = 2.0
-
-
-def with_retries(fn, what: str, attempts: int | None = None, backoff_s: float | None = None):
-    """Call fn(); on a transient error (network, endpoint down, throttling) retry with backoff
-    2, 4, 8 s ... up to `attempts` calls; then raise OSError naming what failed and how often."""
-    import time
-
-    attempts = attempts or WRITE_ATTEMPTS
-    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
-    for i in range(attempts):
-        try:
-            return fn()
-        except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise  # not transient: retrying cannot help
-        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
-            if i == attempts - 1:
-                raise OSError(f"could not {what} after {attempts} attempts ({type(e).__name__}: {e}); "
-                              f"is the object store reachable? Rerun the job to resume") from e
-            logging.getLogger("fcodec").warning("could not %s (%s); retry %d of %d in %.0f s", what, type(e).__name__,
-                                                i + 1, attempts - 1, backoff_s * 2**i)
-            time.sleep(backoff_s * 2**i)
+    else:  # one PUT (botocore retries it per the policy above)
+        with fs.open(path, "wb") as f:
+            f.write(data)
 
 
 def _replace_atomically(tmp: str, final: str, write) -> None:
@@ -184,33 +154,23 @@ def write_json_atomic(fs, path: str, obj: Any) -> None:
     write_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, **write_kwargs) -> str:
+def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, tmp_dir: str = TMP, **write_kwargs) -> str:
     """Write `table` to root/name so it appears complete or not at all; returns its path.
 
-    Local: written under root/_tmp/ (which readers ignore), then renamed into place.
+    Local: written under root/<tmp_dir>/ (which readers ignore), then renamed into place. Object
+    stores publish an object only once its upload completes.
     """
     final = join(root, name)
     if is_local(fs):
-        tmp_dir = join(root, TMP)
-        os.makedirs(tmp_dir, exist_ok=True)
-        tmp = join(tmp_dir, f"{name}.{uuid.uuid4().hex[:8]}.part")
+        tmp_root = join(root, tmp_dir)
+        os.makedirs(tmp_root, exist_ok=True)
+        os.makedirs(posixpath.dirname(final) or ".", exist_ok=True)
+        tmp = join(tmp_root, f"{posixpath.basename(name)}.{uuid.uuid4().hex[:8]}.part")
         _replace_atomically(tmp, final, lambda p: pq.write_table(table, p, **write_kwargs))
     else:
-        def put() -> None:
-            with fs.open(final, "wb") as f:
-                pq.write_table(table, f, **write_kwargs)
-
-        with_retries(put, f"write {full_url(fs, final)}")
+        with fs.open(final, "wb") as f:
+            pq.write_table(table, f, **write_kwargs)
     return final
-
-
-def clean_tmp(fs, root: str) -> None:
-    """Remove root/_tmp/ (temp files of a run that died before renaming them). Local only:
-    object stores never hold temp objects (see write_parquet_atomic)."""
-    import shutil
-
-    if is_local(fs):
-        shutil.rmtree(join(root, TMP), ignore_errors=True)
 
 
 def arrow_fs(fs):
@@ -234,61 +194,3 @@ def safe_key_path(key: str) -> str:
     if any(p in ("..", ".", "") for p in parts):
         raise ValueError(f"refusing key {key!r}: '..', '.' or empty components would escape the output folder")
     return key
-
-
-# ---------------------------------------------------------------- dataset layout
-def part_name(shard_id: str) -> str:
-    return f"part-{shard_id}.parquet"
-
-
-def marker_path(root: str, shard_id: str) -> str:
-    return join(root, COMMITS, f"{shard_id}.json")
-
-
-def committed_shards(fs, root: str) -> dict[str, dict]:
-    """shard id -> its stats JSON, for every committed shard under root."""
-    try:
-        fs.invalidate_cache()
-    except Exception:
-        pass
-    d = join(root, COMMITS)
-    if not fs.exists(d):
-        return {}
-    out = {}
-    for p in sorted(fs.glob(join(d, "*.json"))):
-        try:
-            stats = json.loads(read_bytes(fs, p))
-        except (ValueError, OSError):
-            continue  # an unreadable marker = not committed; the shard is redone
-        out[posixpath.basename(p)[: -len(".json")]] = stats
-    return out
-
-
-def read_manifest(fs, root: str) -> dict | None:
-    p = join(root, MANIFEST)
-    return json.loads(read_bytes(fs, p)) if fs.exists(p) else None
-
-
-def read_dataset(url: str, opts: StorageOptions | None = None, columns: list[str] | None = None,
-                 committed_only: bool = True) -> pa.Table:
-    """Read a dataset written by the jobs into one table (committed shards only by default).
-
-    Meant for tests, audits and small datasets; large ones read shard by shard with
-    `committed_shards` + `pq.read_table(fs.open(join(root, stats['file'])))`.
-    """
-    fs, root = get_fs(url, opts)
-    shards = committed_shards(fs, root)
-    if committed_only:
-        files = [join(root, s["file"]) for _, s in sorted(shards.items())]
-    else:
-        files = sorted(p for p in fs.glob(join(root, "*.parquet")))
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    if not tables:
-        from .schema import BITSTREAM_SCHEMA
-
-        schema = BITSTREAM_SCHEMA if columns is None else pa.schema([BITSTREAM_SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    return pa.concat_tables(tables)

@@ -1,6 +1,7 @@
 """Image stages in Ray tasks beside the actors: compress decodes source bytes to RGB pixels in
 the read tasks (`decode_sources`); decompress PNG-encodes and writes the actors' decoded pixels
-in tasks after them (`encode_outputs`). Which jobs use them: run.JobConfig.image_stage.
+in tasks after them (`encode_outputs`). The shard workers (workers.py) run the same functions in
+their I/O threads.
 
 Decoding a PNG/JPEG (inflate, EXIF rotation, colour conversion) needs no model, so it runs in
 the read tasks' CPU pool, where it overlaps with the actors' model compute instead of delaying
@@ -43,18 +44,16 @@ def decode_source(raw: bytes | None, max_pixels: int | None = None):
 
 def decode_sources(batch: pa.Table, max_pixels: int | None = None) -> pa.Table:
     """Read-stage rows {key, source_uri, data, read_error, _...} -> the same rows with `data`
-    replaced by decoded pixels (or `decode_error`). Sentinel rows pass through."""
+    replaced by decoded pixels (or `decode_error`)."""
     data = batch.column("data").to_pylist()
-    sentinel = batch.column("_sentinel").fill_null(False).to_pylist()
     new = {name: [] for name, _ in DECODED_COLUMNS}
-    for raw, is_sentinel in zip(data, sentinel):
+    for raw in data:
         vals = dict.fromkeys(new)
-        if not is_sentinel:
-            facts, img = decode_source(raw, max_pixels)
-            vals.update(facts)
-            if img is not None:
-                vals.update(pixels=img.pixels.tobytes(), px_h=img.pixels.shape[0], px_w=img.pixels.shape[1],
-                            gray=img.gray, alpha=img.alpha)
+        facts, img = decode_source(raw, max_pixels)
+        vals.update(facts)
+        if img is not None:
+            vals.update(pixels=img.pixels.tobytes(), px_h=img.pixels.shape[0], px_w=img.pixels.shape[1],
+                        gray=img.gray, alpha=img.alpha)
         for k, v in vals.items():
             new[k].append(v)
     out = batch.drop_columns([c for c in ["data", *new] if c in batch.column_names])
@@ -75,8 +74,8 @@ def decoded_image(row: dict):
 
 def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa.Table:
     """Decode actors' rows with raw `pixels` -> finished decoded rows: PNG bytes in the row, or
-    the PNG written to `out_url/<dest>` (atomically). Other rows (failures, sentinels) pass."""
-    from .actors import _table, finish_decoded
+    the PNG written to `out_url/<dest>` (atomically). Other rows (failures) pass."""
+    from .rows import finish_decoded, table_of
     from .schema import DECODED_SCHEMA
     from .storage import get_fs
 
@@ -88,4 +87,4 @@ def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa
         for name, _ in PIXEL_COLUMNS:
             r.pop(name, None)
         out.append(finish_decoded(r, img.pixels, img.gray, dest, fs, root) if img is not None else r)
-    return _table(out, DECODED_SCHEMA)
+    return table_of(out, DECODED_SCHEMA)

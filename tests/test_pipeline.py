@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import pytest
 from PIL import Image
 
 from jobs.samples import sample_image
-from pipeline import actors
 from pipeline import storage as st
-from pipeline.actors import DecodeActor, EncodeActor, output_key
+from pipeline.actors import DecodeActor, EncodeActor
+from pipeline.catalog import Books, read_dataset
+from pipeline.rows import output_key, sha256_hex
 from pipeline.run import JobConfig, compress, decompress
 from pipeline.schema import BITSTREAM_SCHEMA, parquet_write_kwargs
 from pipeline.sources import list_inputs, plan_shards, read_shard
@@ -157,9 +159,9 @@ def test_encode_actor_fails_bad_inputs_alone_and_loads_once(tmp_path, encoder):
     bad = make_corrupt(src)
     shard = plan_shards(list_inputs(str(src))[0], 100)[0]
     rows = [r for c in read_shard(shard) for r in c]
-    loads = actors.CODEC_LOADS
+    codec = encoder.codec
     out = encoder(rows[:4]).to_pylist() + encoder(rows[4:]).to_pylist()
-    assert actors.CODEC_LOADS == loads  # two batches, no reload
+    assert encoder.codec is codec  # two batches, one codec
     by_key = {r["key"]: r for r in out}
     assert set(by_key) == set(good) | set(bad)
     for k, frag in bad.items():
@@ -170,7 +172,7 @@ def test_encode_actor_fails_bad_inputs_alone_and_loads_once(tmp_path, encoder):
         r = by_key[k]
         assert r["status"] == "ok" and r["error"] is None and (r["height"], r["width"]) == (h, w)
         assert r["n_bytes"] == len(r["bitstream"]) > 40 and abs(r["bpp"] - r["n_bytes"] * 8 / (h * w)) < 1e-9
-        assert r["source_sha256"] == actors.sha256_hex((src / k).read_bytes())
+        assert r["source_sha256"] == sha256_hex((src / k).read_bytes())
         assert len(r["codec_fingerprint"]) == 32 and r["t"] == 100
 
 
@@ -193,7 +195,7 @@ def test_decode_actor_verifies_checksums_and_refuses_escaping_keys(tmp_path, enc
 
 # ---------------------------------------------------------------- whole job, inline (no Ray)
 def _read(dst) -> pa.Table:
-    return st.read_dataset(str(dst))
+    return read_dataset(str(dst))
 
 
 def test_transform_stage_decodes_outside_the_actor_with_the_same_rows(tmp_path, encoder):
@@ -203,19 +205,13 @@ def test_transform_stage_decodes_outside_the_actor_with_the_same_rows(tmp_path, 
     good = make_images(src, 5)
     bad = make_corrupt(src)
     shard = plan_shards(list_inputs(str(src))[0], 100)[0]
-    from pipeline.run import read_sources
-
-    item = {"id": shard.id, "kind": shard.kind, "uris": list(shard.uris), "keys": list(shard.keys), "size": shard.size}
-    tables = list(read_sources({"work": [json.dumps(item)]}))
-    assert tables[-1].column("_sentinel").to_pylist() == [True]
-    raw = pa.concat_tables(tables)
+    raw = pa.Table.from_pylist([r for c in read_shard(shard) for r in c])
     dec = decode_sources(raw)
-    assert "data" not in dec.column_names and dec.num_rows == raw.num_rows == len(good) + len(bad) + 1
+    assert "data" not in dec.column_names and dec.num_rows == raw.num_rows == len(good) + len(bad)
     rows = {r["key"]: r for r in dec.to_pylist()}
     for k, (h, w) in good.items():
         assert (rows[k]["px_h"], rows[k]["px_w"]) == (h, w) and len(rows[k]["pixels"]) == h * w * 3
     assert rows["truncated.png"]["pixels"] is None and "truncated" in rows["truncated.png"]["decode_error"]
-    assert rows[""]["_sentinel"] and rows[""]["pixels"] is None  # the sentinel passes through
     # The actor turns decoded rows into exactly the rows it makes from source bytes.
     via_stage = {r["key"]: r for r in encoder(dec).to_pylist()}
     direct = {r["key"]: r for r in encoder(raw).to_pylist()}
@@ -228,67 +224,40 @@ def test_transform_stage_decodes_outside_the_actor_with_the_same_rows(tmp_path, 
 def test_transform_stage_respects_the_pixel_cap(tmp_path):
     from pipeline.transform import decode_sources
 
-    t = pa.table({"key": ["big.png"], "data": [png_of(1, 64, 64)], "_sentinel": [False]})
+    t = pa.table({"key": ["big.png"], "data": [png_of(1, 64, 64)]})
     out = decode_sources(t, max_pixels=1000).to_pylist()[0]
     assert out["pixels"] is None and "exceeds the cap of 1000 pixels" in out["decode_error"]
-    assert out["source_sha256"] == actors.sha256_hex(t.column("data")[0].as_py()) and out["_source_bytes"] > 0
+    assert out["source_sha256"] == sha256_hex(t.column("data")[0].as_py()) and out["_source_bytes"] > 0
 
 
-def _physical_plan(capsys, ds) -> str:
-    """The optimized physical plan Ray Data prints for `ds` (which stages it fused)."""
-    capsys.readouterr()
-    ds.explain()
-    return capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+def test_decompress_inline_and_on_ray_write_the_same_files(tmp_path, ray_local):
+    """decompress gives the same files inline and on a Ray actor pool (exact mode: identical
+    pixels whatever the batch composition), and the same PNGs inside Parquet; the workers on
+    Ray, not the driver, write the outputs."""
+    import os
 
-
-@pytest.mark.parametrize("gpus", [0, 1])
-def test_reads_stay_out_of_the_actors_and_decoding_goes_where_configured(ray_local, capsys, gpus):
-    """Ray fuses map stages with equal remote args, a task stage into an actor pool too: with
-    equal CPUs per read task and per actor the reads would run inside the actors, serially with
-    the model. The graph must keep them apart; image decoding rides in the read tasks."""
-    from pipeline.run import ImageStage, build_dataset, read_sources
-    from pipeline.transform import decode_sources
-
-    cfg = JobConfig(src="x", dst="y", actor_cpus=0.5, read_cpus=0.5)
-    plan = {"num_gpus": gpus or None, "num_cpus": 0.5, "size": 1}
-    physical = _physical_plan(capsys, build_dataset([{"work": "{}"}], read_sources, EncodeActor, {"spec": SPEC}, cfg, plan,
-                                                    ImageStage(pre=decode_sources)))
-    assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in physical
-    assert "TaskPoolMapOperator[MapBatches(read_sources)->MapBatches(decode_sources)]" in physical
-
-
-def test_png_stage_after_the_actors_writes_the_same_files(tmp_path, ray_local, capsys):
-    """decompress with PNG encoding + writing in tasks after the actors (the GPU default) gives
-    the files and rows the actors give when they do it themselves, inline and on Ray."""
-    from pipeline.run import ImageStage, build_dataset, read_bitstreams
-    from pipeline.transform import encode_outputs
-
-    spec = {**SPEC, "precision": "exact"}  # identical pixels whatever the batch composition
+    spec = {**SPEC, "precision": "exact"}
     src, dst = tmp_path / "src", tmp_path / "dst"
     good = make_images(src, 7)
     (src / "broken.png").write_bytes(b"not a png")
     compress(JobConfig(src=str(src), dst=str(dst), codec=spec, shard_size=4), use_ray=False, progress=False, echo=lambda s: None)
     files = {}
-    for name, stage, use_ray in (("actor", False, False), ("tasks", True, False), ("tasks_ray", True, True)):
+    for name, use_ray in (("inline", False), ("ray", True)):
         out = tmp_path / name
-        res = decompress(JobConfig(src=str(dst), dst=str(out), codec=spec, image_stage=stage, rows_per_batch=3),
-                         use_ray=use_ray, progress=False, echo=lambda s: None)
-        assert res["run"]["pool"]["image_stage"] is stage and res["run"]["ok"] == len(good) and res["run"]["skipped"] == 1
+        res = decompress(JobConfig(src=str(dst), dst=str(out), rows_per_batch=3), use_ray=use_ray, progress=False,
+                         echo=lambda s: None)
+        assert res["run"]["ok"] == len(good) and res["run"]["skipped"] == 1 and res["run"]["shards"] == 2
         files[name] = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.png")}
-    assert set(files["actor"]) == {k if k.endswith(".png") else k + ".png" for k in good}
-    assert files["tasks"] == files["actor"] and files["tasks_ray"] == files["actor"]
-    par = decompress(JobConfig(src=str(dst), dst=str(tmp_path / "par"), codec=spec, image_stage=True, format="parquet"),
-                     use_ray=False, progress=False, echo=lambda s: None)
-    t = st.read_dataset(str(tmp_path / "par"))
+        writers = {int(w.split(":")[2]) for w in res["run"]["workers"]}
+        assert (writers == {os.getpid()}) is (not use_ray)  # on Ray the outputs are written by the actor
+    assert set(files["inline"]) == {k if k.endswith(".png") else k + ".png" for k in good}
+    assert files["ray"] == files["inline"]
+    par = decompress(JobConfig(src=str(dst), dst=str(tmp_path / "par"), format="parquet"), use_ray=False, progress=False,
+                     echo=lambda s: None)
+    t = read_dataset(str(tmp_path / "par"))
     pngs = {r["key"]: r["png"] for r in t.to_pylist() if r["status"] == "ok"}
     assert par["run"]["ok"] == len(good) and pngs == {
-        k: files["actor"][k if k.endswith(".png") else k + ".png"] for k in good}
-    # On Ray the PNG work is a task stage after the actor pool, not fused into it.
-    cfg = JobConfig(src="x", dst="y")
-    stage = ImageStage(post=encode_outputs, actor_kwargs={"emit_pixels": True})
-    physical = _physical_plan(capsys, build_dataset([{"work": "{}"}], read_bitstreams, DecodeActor, {"spec": SPEC}, cfg,
-                                                    {"num_gpus": 1, "num_cpus": 1.0, "size": 1}, stage))
-    assert "TaskPoolMapOperator[MapBatches(encode_outputs)]" in physical and "MapBatches(DecodeActor)]" in physical
+        k: files["inline"][k if k.endswith(".png") else k + ".png"] for k in good}
 
 
 def test_job_reports_start_up_and_steady_rate(tmp_path):
@@ -314,26 +283,34 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     r1 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
     assert r1["run"]["shards"] == 1 and r1["totals"]["rows"] == 4 and not r1["manifest"]["complete"]
 
-    # Simulate a job killed mid-write: a temp file in _tmp/ and a part file whose marker never came.
+    # Simulate a job killed mid-write: a temp file and a part file whose commit never came
+    # (here: a shard of the second run written, its record taken out of the books).
     compress(cfg, use_ray=False, progress=False, echo=lambda s: None)  # one more shard
-    markers = sorted((dst / "_commits").glob("*.json"))
-    assert len(markers) == 2
-    markers[-1].unlink()
-    (dst / "_tmp").mkdir(exist_ok=True)
-    (dst / "_tmp" / "part-x.parquet.1234.part").write_bytes(b"PAR1 half written")
+    books = Books(*st.get_fs(str(dst)))
+    cat = books.read()
+    assert len(cat.shards) == 2
+    last = max(cat.shards.values(), key=lambda r: r.committed_at)
+    del cat.shards[last.shard]
+    cat.entries = cat.entries.filter(pa.compute.not_equal(cat.entries.column("shard"), last.shard))
+    books.compact(cat)
+    (dst / "__fcodec__" / "tmp").mkdir(exist_ok=True)
+    (dst / "__fcodec__" / "tmp" / "part-x.parquet.1234.part").write_bytes(b"PAR1 half written")
+    (dst / "__fcodec__" / "commits" / ".x.json.ab12.part").write_bytes(b"{")
     assert len(_read(dst)) == 4  # the uncommitted shard does not count
 
     cfg.max_shards = None
-    r3 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
+    lines: list[str] = []
+    r3 = compress(cfg, use_ray=False, progress=False, echo=lines.append)
+    assert r3["run"]["reconciled"] == {"temp_files": 2, "adopted": 1, "removed": 0}
     t = _read(dst)
     keys = t.column("key").to_pylist()
     assert sorted(keys) == sorted(set(good) | set(bad)) and len(keys) == len(set(keys)) == 13
-    assert r3["manifest"]["complete"] and r3["run"]["shards"] == 3
-    assert not (dst / "_tmp").exists()
+    assert r3["manifest"]["complete"] and r3["run"]["shards"] == 2  # the adopted shard was not redone
+    assert not (dst / "__fcodec__" / "tmp").exists() and not list(dst.rglob(".*.part"))
     assert r3["totals"]["ok"] == 10 and r3["totals"]["failed"] == 3
     import pandas as pd
 
-    df = pd.read_parquet(dst)  # plain readers see only complete part files (not _tmp/, _commits/)
+    df = pd.read_parquet(dst)  # plain readers see only complete part files (not __fcodec__/)
     assert len(df) == 13 and list(df.columns) == BITSTREAM_SCHEMA.names
 
     # A rerun has nothing to do.
@@ -344,14 +321,15 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     (src / "zero.png").write_bytes(png_of(5))
     cfg.retry_failed = True
     r5 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
-    assert r5["run"]["rows"] == 3 and r5["run"]["ok"] == 1
+    assert r5["run"]["found"]["retried"] == 3 and r5["run"]["ok"] - r5["run"]["rows"] + r5["run"]["failed"] == 0
+    assert r5["run"]["failed"] == 2
     t = _read(dst)
     rows = {r["key"]: r for r in t.to_pylist()}
     assert len(t) == 13 and rows["zero.png"]["status"] == "ok" and rows["zero.png"]["width"] == 32
     assert r5["totals"]["ok"] == 11 and r5["totals"]["failed"] == 2
 
     # Other codec options on the same DST are refused (rows would mix codecs).
-    with pytest.raises(ValueError, match="other codec options"):
+    with pytest.raises(ValueError, match="written with other codec options"):
         compress(JobConfig(src=str(src), dst=str(dst), codec={**SPEC, "t": 300}), use_ray=False, progress=False, echo=lambda s: None)
 
 
@@ -367,19 +345,12 @@ def test_cli_config_file_flags_win_and_no_secrets(tmp_path, capsys, monkeypatch)
     assert main(["compress", "--config", str(cfgfile), "--no-ray", "--t", "150", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert '"shard_size": 2' in out and '"t": 150' in out and "compressed 3 images: 3 ok" in out
-    manifest = (dst / "_manifest.json").read_text()
-    assert json.loads(manifest)["config"]["shard_size"] == 2
+    manifest = (dst / "__fcodec__" / "manifest.json").read_text()
+    assert json.loads(manifest)["config"]["shard_size"] == 2 and json.loads(manifest)["codec"]["t"] == 150
     for secret in ("SUPERSECRET", "AKIA-do-not"):
         assert secret not in out and secret not in manifest
-        assert not any(secret in p.read_text() for p in (dst / "_commits").glob("*.json"))
+        assert not any(secret.encode() in p.read_bytes() for p in (dst / "__fcodec__").rglob("*") if p.is_file())
     assert set(pq.read_table(dst / next(iter(sorted(p.name for p in dst.glob("part-*")))) ).column("t").to_pylist()) == {150}
-    assert json.loads(manifest)["config"]["image_stage"] is None  # auto
-
-    dst2 = tmp_path / "dst2"
-    assert main(["compress", str(src), str(dst2), "--no-ray", "--image-io", "tasks", "--no-progress"]) == 0
-    m2 = json.loads((dst2 / "_manifest.json").read_text())
-    assert m2["config"]["image_stage"] is True and m2["last_run"]["pool"]["image_stage"] is True
-    assert m2["totals"]["ok"] == 3
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("srcc: x\n")
@@ -411,25 +382,26 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
     cfg = JobConfig(src=src, dst=dst, codec=SPEC, shard_size=5, rows_per_batch=4, workers=1, storage=opts.public())
     res = compress(cfg, opts, use_ray=True, progress=False, echo=lambda s: None)
     assert res["totals"]["rows"] == len(expected) + len(bad) and res["totals"]["failed"] == len(bad)
-    assert res["manifest"]["complete"] and res["run"]["pool"]["size"] == 1 and len(res["run"]["workers"]) == 1
-    assert all(w["codec_loads"] == 1 for w in res["run"]["workers"].values())  # once per actor, not per batch
+    assert res["manifest"]["complete"] and res["run"]["pool"]["max_size"] == 1 and len(res["run"]["workers"]) == 1
+    (writer,) = res["run"]["workers"]  # one actor wrote every part: the codec loaded once, not per shard
+    assert int(writer.split(":")[2]) != os.getpid() and res["run"]["workers"][writer]["shards"] == res["run"]["shards"] > 1
 
     df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
     assert list(df.columns) == BITSTREAM_SCHEMA.names and len(df) == len(expected) + len(bad)
     assert df["key"].is_unique and set(df.loc[df.status == "failed", "key"]) == set(bad)
     assert df.loc[df.status == "ok", "error"].isna().all()
-    first = st.part_name(sorted(st.committed_shards(fs, dst[5:]))[0])
+    first = sorted(r.file for r in Books(fs, dst[5:]).read().shards.values())[0]
     with fs.open(f"{dst[5:]}/{first}") as f:
         pf = pq.ParquetFile(f)
         assert pf.schema_arrow.field("bitstream").type == pa.large_binary()
         col = pf.metadata.row_group(0).column(pf.schema_arrow.get_field_index("bitstream"))
         assert col.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
-    manifest = json.loads(fs.cat(f"{dst[5:]}/_manifest.json"))
+    manifest = json.loads(fs.cat(f"{dst[5:]}/__fcodec__/manifest.json"))
     assert manifest["totals"]["ok"] == len(expected) and manifest["config"]["storage"]["endpoint_url"] == opts.endpoint_url
     assert "testing" not in json.dumps(manifest)  # moto's credentials are not stored
 
     out = f"{s3_bucket}/decoded"
-    dres = decompress(JobConfig(src=dst, dst=out, codec=SPEC, rows_per_batch=4, workers=1), opts, use_ray=True, progress=False,
+    dres = decompress(JobConfig(src=dst, dst=out, rows_per_batch=4, workers=1), opts, use_ray=True, progress=False,
                       echo=lambda s: None)
     assert dres["run"]["ok"] == len(expected) and dres["run"]["skipped"] == len(bad) and dres["run"]["failed"] == 0
     for key, (h, w) in expected.items():
@@ -454,7 +426,7 @@ def test_decompress_to_parquet_inline(tmp_path):
 def test_config_file_from_s3(s3_server, s3_bucket):
     import s3fs
 
-    from jobs.compress import load_config_file
+    from jobs.options import load_config_file
 
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     fs.pipe(f"{s3_bucket[5:]}/jobs/nightly.yaml", b"src: s3://in/x\ndst: s3://out/y\nshard-size: 64\ncodec:\n  t: 120\n")
@@ -462,22 +434,19 @@ def test_config_file_from_s3(s3_server, s3_bucket):
         {"src": "s3://in/x", "dst": "s3://out/y", "shard_size": 64, "t": 120}
 
 
-def test_decompress_with_wrong_codec_fails_rows_then_retry_failed_fixes_them(tmp_path):
+def test_decompress_takes_the_codec_from_the_manifest_and_refuses_contradicting_flags(tmp_path):
     src, dst, out = tmp_path / "src", tmp_path / "dst", tmp_path / "dec"
     good = make_images(src, 5)
     compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3), use_ray=False, progress=False, echo=lambda s: None)
-    lines: list[str] = []
-    wrong = {**SPEC, "entropy": "hyperprior"}
-    r1 = decompress(JobConfig(src=str(dst), dst=str(out), codec=wrong), use_ray=False, progress=False, echo=lines.append)
-    assert r1["run"]["failed"] == 5 and r1["run"]["ok"] == 0 and not list(out.rglob("*.png"))
-    assert any("decoding needs the same options" in s for s in lines)  # the manifest's options are shown
-    assert "pass --entropy static" in r1["run"]["failures"][0]["error"]
-    again = decompress(JobConfig(src=str(dst), dst=str(out), codec=SPEC), use_ray=False, progress=False, echo=lambda s: None)
-    assert again["run"]["rows"] == 0  # committed (with failures): a plain rerun does not redo them
-    r2 = decompress(JobConfig(src=str(dst), dst=str(out), codec=SPEC, retry_failed=True), use_ray=False, progress=False,
-                    echo=lambda s: None)
-    assert r2["run"]["ok"] == 5 and r2["totals"]["ok"] == 5 and r2["totals"]["failed"] == 0
+    for wrong in ({"entropy": "hyperprior"}, {"backbone": "nano"}, {"t": 20}):
+        with pytest.raises(ValueError, match="written with other codec options"):  # before any row is attempted
+            decompress(JobConfig(src=str(dst), dst=str(out), codec=wrong), use_ray=False, progress=False, echo=lambda s: None)
+        assert not list(out.rglob("*.png")) and not (out / "__fcodec__" / "commits").exists()
+    r = decompress(JobConfig(src=str(dst), dst=str(out), codec={"steps": 1}), use_ray=False, progress=False, echo=lambda s: None)
+    assert r["run"]["ok"] == 5 and r["totals"]["failed"] == 0 and r["manifest"]["codec"]["backbone"] == "tiny"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(output_key(k) for k in good)
+    again = decompress(JobConfig(src=str(dst), dst=str(out)), use_ray=False, progress=False, echo=lambda s: None)
+    assert again["run"]["rows"] == 0  # resumed: every shard decoded
 
 
 def test_rerun_after_the_listing_changed_writes_each_key_once(tmp_path):
@@ -488,7 +457,7 @@ def test_rerun_after_the_listing_changed_writes_each_key_once(tmp_path):
     compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
     (src / "aaa_first.png").write_bytes(png_of(77))  # sorts first: every file shard's id changes
     res = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
-    got = st.read_dataset(str(dst), columns=["key"]).column("key").to_pylist()
+    got = read_dataset(str(dst), columns=["key"]).column("key").to_pylist()
     assert sorted(got) == sorted([*keys, "aaa_first.png"]) and len(got) == len(set(got))
     assert res["run"]["rows"] == 1 and res["totals"]["rows"] == 7
 
@@ -523,7 +492,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, ray_local, capsys):
     assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1"]) == 0
     text = capsys.readouterr().out
     assert "demo: 6/6 images compressed, 6 decoded" in text and "mean PSNR" in text
-    assert len(st.read_dataset(str(out / "bitstreams"))) == 6
+    assert len(read_dataset(str(out / "bitstreams"))) == 6
     assert sorted(p.name for p in (out / "decoded").glob("*.png")) == sorted(p.name for p in (out / "originals").glob("*.png"))
     assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1", "--no-ray"]) == 0  # a second run starts clean
-    assert len(st.read_dataset(str(out / "bitstreams"))) == 6
+    assert len(read_dataset(str(out / "bitstreams"))) == 6

@@ -1,0 +1,182 @@
+"""Plan a run: the source listing diffed against the dataset's key index -> work items.
+
+A key's shard never changes once written: new keys go to new shards (at most
+ceil(new / shard_size) of them), and an existing shard is only ever replaced as a whole by a
+new one that supersedes it (its kept rows carried over), never renamed. What changed at the
+source is handled per `mode`:
+
+* `extend` (default, the safe one): add new sources; keep the rows of vanished ones; report
+  changed ones without touching them;
+* `sync`: also drop the rows of vanished sources and recompress changed ones. A change is
+  detected from the listing (size, mtime / ETag) and confirmed with the content hash, so a
+  touched-but-identical file is not recompressed.
+
+A work item is a JSON-able dict a shard worker runs (workers.py); items the driver can settle
+alone (a shard whose rows all vanished, new change tokens for identical files) come back as
+ready commit records instead.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import layout as L
+from .catalog import Catalog
+
+MODES = ("extend", "sync")
+
+
+@dataclass
+class Plan:
+    work: list[dict] = field(default_factory=list)
+    records: list[L.CommitRecord] = field(default_factory=list)  # settled by the driver alone
+    found: dict = field(default_factory=dict)  # new / vanished / changed / unchanged / retried counts
+
+    @property
+    def n_images(self) -> int | None:
+        """Images the work will encode, when known from the listing (file shards)."""
+        n = 0
+        for w in self.work:
+            if w["kind"] != "files":
+                return None
+            n += len(w.get("encode") or [])
+        return n
+
+
+def file_sha256(url: str, opts) -> str | None:
+    """Hex sha256 of a source (None when it cannot be read)."""
+    from .storage import get_fs
+
+    try:
+        fs, p = get_fs(url, opts)
+        h = hashlib.sha256()
+        with fs.open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except Exception:  # noqa: BLE001 - an unreadable source counts as changed
+        return None
+
+
+def plan_compress(listing: list[tuple], cat: Catalog, shard_size: int, run_id: str, mode: str = "extend",
+                  retry_failed: bool = False, max_shards: int | None = None,
+                  hasher: Callable[[str], str | None] | None = None) -> Plan:
+    """The work of one compress run. `listing` holds (key, url, kind, size, token) tuples."""
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r} (choose {', '.join(MODES)})")
+    shard_size = max(1, int(shard_size))
+    ents = cat.entries
+    idx = {e: (s, sz, tok, sha, fl) for e, s, sz, tok, sha, fl in zip(
+        *(ents.column(c).to_pylist() for c in ("entry", "shard", "size", "token", "sha256", "failed")))}
+    listed = {k: (u, kind, sz, tok) for k, u, kind, sz, tok in listing}
+    new = [k for k in listed if k not in idx]
+    vanished = [e for e in idx if e not in listed]
+    suspect = [k for k in listed if k in idx and idx[k][2] is not None and
+               (idx[k][2] != listed[k][3] or (idx[k][1] is not None and idx[k][1] != listed[k][2]))]
+    plan = Plan()
+    changed, same = [], []
+    if mode == "sync":
+        todo = [k for k in suspect if listed[k][1] == "files" and idx[k][3]]
+        with ThreadPoolExecutor(16) as pool:
+            hashes = dict(zip(todo, pool.map(lambda k: hasher(listed[k][0]) if hasher else None, todo)))
+        for k in suspect:
+            (same if k in hashes and hashes[k] == idx[k][3] else changed).append(k)
+    failed = [k for k in listed if k in idx and idx[k][4] and retry_failed]
+    plan.found = {"listed": len(listed), "new": len(new), "vanished": len(vanished),
+                  "changed": len(suspect) - len(same), "unchanged": len(listed) - len(new) - len(suspect) + len(same),
+                  "retried": 0, "dropped": 0, "mode": mode}
+
+    seq = iter(range(1 << 30))
+    next_id = lambda: f"{run_id}-{next(seq):05d}"  # noqa: E731
+    touched: dict[str, dict] = {}  # old shard -> {encode, drop, retoken}
+    for k in (changed if mode == "sync" else []):
+        touched.setdefault(idx[k][0], {"encode": set(), "drop": set(), "retoken": set()})["encode"].add(k)
+    for k in (vanished if mode == "sync" else []):
+        touched.setdefault(idx[k][0], {"encode": set(), "drop": set(), "retoken": set()})["drop"].add(k)
+    for k in failed:
+        touched.setdefault(idx[k][0], {"encode": set(), "drop": set(), "retoken": set()})["encode"].add(k)
+    for k in same:
+        touched.setdefault(idx[k][0], {"encode": set(), "drop": set(), "retoken": set()})["retoken"].add(k)
+
+    by_shard: dict[str, list[dict]] = {}
+    for e, (s, sz, tok, sha, fl) in idx.items():
+        if s in touched:
+            by_shard.setdefault(s, []).append({"entry": e, "size": sz, "token": tok, "sha256": sha, "failed": fl})
+    for sid, t in sorted(touched.items()):
+        old = cat.shards.get(sid)
+        if old is None:
+            continue
+        plan.found["retried"] += len([k for k in t["encode"] if k in failed])
+        plan.found["dropped"] += len(t["drop"])
+        if not t["encode"] and not t["drop"]:  # identical content, new tokens: re-commit with them
+            rec = L.CommitRecord.from_dict({**old.to_dict(), "entries": [
+                {**e, "token": listed[e["entry"]][3] if e["entry"] in t["retoken"] else e["token"]} for e in by_shard[sid]]})
+            plan.records.append(rec)
+            continue
+        new_id = next_id()
+        if old.kind == "files":
+            encode = sorted(t["encode"])
+            keep = [e for e in by_shard[sid] if e["entry"] not in t["drop"] and e["entry"] not in t["encode"]]
+            for e in keep:
+                if e["entry"] in t["retoken"]:
+                    e["token"] = listed[e["entry"]][3]
+            if not encode and not keep:
+                plan.records.append(L.CommitRecord(shard=new_id, file=None, kind="files", supersedes=[sid], run_id=run_id))
+                continue
+            plan.work.append({"shard": new_id, "kind": "files", "supersedes": [sid],
+                              "encode": [[k, *listed[k][:1], listed[k][2], listed[k][3]] for k in encode],
+                              "carry": {"file": old.file, "drop_keys": sorted(t["drop"] | t["encode"])} if keep else None,
+                              "carry_entries": keep, "carry_input_bytes": sum(e["size"] or 0 for e in keep)})
+        else:  # a container shard: one entry
+            (entry,) = [e["entry"] for e in by_shard[sid]] or [None]
+            if entry in t["drop"]:
+                plan.records.append(L.CommitRecord(shard=new_id, file=None, kind=old.kind, supersedes=[sid], run_id=run_id))
+            elif entry in t["encode"] and entry not in failed:  # changed: the whole container again
+                plan.work.append({"shard": new_id, "kind": old.kind, "supersedes": [sid],
+                                  "container": [entry, *listed[entry][:1], listed[entry][2], listed[entry][3]]})
+            else:  # retry the failed members, carry the rest
+                bad = sorted(f["key"] for f in old.failures)
+                plan.work.append({"shard": new_id, "kind": old.kind, "supersedes": [sid], "only_keys": bad,
+                                  "container": [entry, *listed[entry][:1], listed[entry][2], listed[entry][3]],
+                                  "carry": {"file": old.file, "drop_keys": bad}})
+
+    files = [k for k in new if listed[k][1] == "files"]
+    for i in range(0, len(files), shard_size):
+        chunk = files[i: i + shard_size]
+        plan.work.append({"shard": next_id(), "kind": "files",
+                          "encode": [[k, listed[k][0], listed[k][2], listed[k][3]] for k in chunk]})
+    for k in new:
+        if listed[k][1] != "files":
+            plan.work.append({"shard": next_id(), "kind": listed[k][1],
+                              "container": [k, listed[k][0], listed[k][2], listed[k][3]]})
+    plan.found["planned_shards"] = len(plan.work)
+    if max_shards is not None:
+        plan.work = plan.work[: max(0, max_shards)]
+    return plan
+
+
+def plan_decompress(source: Catalog, done: Catalog, src_root_url: Callable[[str], str],
+                    retry_failed: bool = False, max_shards: int | None = None) -> Plan:
+    """The work of one decompress run: every live source shard not yet decoded (and, with
+    `retry_failed`, the failed rows of decoded ones)."""
+    plan = Plan()
+    for sid, rec in sorted(source.shards.items()):
+        if not rec.file:
+            continue
+        item = {"shard": sid, "kind": "decode", "url": src_root_url(rec.file), "source_file": rec.file}
+        prev = done.shards.get(sid)
+        if prev is not None:
+            bad = [f["key"] for f in prev.failures]
+            if not (retry_failed and bad):
+                continue
+            item["only_keys"] = bad
+            item["retry_of"] = sid
+        plan.work.append(item)
+    stale = sorted(set(done.shards) - set(source.shards))
+    plan.found = {"source_shards": len(source.shards), "decoded": len(done.shards) - len(stale),
+                  "stale": len(stale), "todo": len(plan.work)}
+    if max_shards is not None:
+        plan.work = plan.work[: max(0, max_shards)]
+    return plan

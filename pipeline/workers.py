@@ -1,0 +1,255 @@
+"""Shard workers: the Ray actors of compress and decompress. One call = one shard.
+
+A worker reads its shard's inputs in I/O threads (fetch and image decoding overlap the model),
+runs the row engine (actors.py), writes the shard's part file itself — where the rows are — and
+returns only the shard's `CommitRecord`. So bitstream bytes never travel to the driver, which
+just keeps the books (run.py, catalog.py). The record is also embedded in the part's Parquet
+footer, so a part whose commit a killed driver never wrote can be adopted by the next run.
+
+Workers are plain classes: `ShardEncoder(...).run(item)` works without Ray (inline mode, tests).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import layout as L
+from .actors import DecodeActor, EncodeActor, worker_id
+from .rows import error_class, finish_decoded, one_line
+from .schema import BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, parquet_write_kwargs
+from .sources import Shard, read_shard
+from .storage import StorageOptions, get_fs, join, write_parquet_atomic
+from .transform import decode_source
+
+BITSTREAM_READ_COLUMNS = ["key", "bitstream", "bitstream_sha256", "width", "height", "status", "error"]
+PREFETCH_CHUNKS = 2  # chunks read and decoded ahead of the model
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class Progress:
+    """Images done, counted by the workers (a tiny Ray actor in Ray runs; the driver polls it)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+
+def _report(progress, n: int) -> None:
+    if progress is None or not n:
+        return
+    if callable(progress):
+        progress(n)
+    else:  # a Ray actor handle: fire and forget
+        progress.add.remote(n)
+
+
+def prefetch(chunks: Iterator, fn: Callable, depth: int = PREFETCH_CHUNKS) -> Iterator:
+    """Yield fn(chunk) for each chunk, computed in a background thread `depth` chunks ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for c in chunks:
+                q.put(fn(c))
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=produce, name="fcodec-prefetch", daemon=True).start()
+    while True:
+        got = q.get()
+        if got is done:
+            return
+        if isinstance(got, BaseException):
+            raise got
+        yield got
+
+
+def write_part(fs, root: str, table: pa.Table, rec: L.CommitRecord) -> None:
+    """Write a shard's part (atomically) with its commit record in the Parquet footer."""
+    meta = {L.PART_META_KEY: json.dumps(rec.to_dict(), sort_keys=True).encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    write_parquet_atomic(fs, root, rec.file, table, **parquet_write_kwargs(table))
+
+
+def stats_of(table: pa.Table, key_col: str = "key") -> dict:
+    """rows/ok/failed/bytes/bpp/pixels and the error histogram of a bitstream table."""
+    ok = pc.equal(table.column("status"), STATUS_OK)
+    okt = table.filter(ok)
+    fails = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+    errors: dict[str, int] = {}
+    for e in fails.column("error").to_pylist():
+        errors[error_class(e)] = errors.get(error_class(e), 0) + 1
+    out = {"rows": table.num_rows, "ok": okt.num_rows, "failed": fails.num_rows,
+           "failures": [{"key": k, "error": e} for k, e in zip(fails.column(key_col).to_pylist(),
+                                                                 fails.column("error").to_pylist())],
+           "errors": dict(sorted(errors.items()))}
+    if "n_bytes" in table.column_names:
+        w = okt.column("width").cast(pa.int64())
+        h = okt.column("height").cast(pa.int64())
+        out.update(output_bytes=int(pc.sum(okt.column("n_bytes")).as_py() or 0),
+                   bpp_sum=float(pc.sum(okt.column("bpp")).as_py() or 0.0),
+                   pixels=int(pc.sum(pc.multiply(w, h)).as_py() or 0),
+                   codec_fingerprint=okt.column("codec_fingerprint")[0].as_py() if okt.num_rows else None)
+    return out
+
+
+class ShardEncoder:
+    """compress: a shard's sources -> `part-<shard>.parquet` of bitstream rows + its record."""
+
+    def __init__(self, spec, dst: str, opts: StorageOptions | None = None, image_column: str | None = None,
+                 run_id: str | None = None, progress=None, io_threads: int = 4) -> None:
+        self.engine = EncodeActor(spec)
+        self.fs, self.root = get_fs(dst, opts)
+        self.opts, self.image_column, self.run_id, self.progress = opts, image_column, run_id, progress
+        self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="fcodec-io")
+        self.writer = worker_id()
+        self.max_pixels = getattr(getattr(self.engine.codec, "config", None), "max_pixels", None)
+
+    def __call__(self, batch) -> dict:
+        items = batch["work"].to_pylist() if isinstance(batch, pa.Table) else list(batch["work"])
+        return {"record": [json.dumps(self.run(json.loads(w)).to_dict()) for w in items]}
+
+    def _decode(self, rows: list[dict]) -> list[dict]:
+        def one(r: dict) -> dict:
+            facts, img = decode_source(r.get("data"), self.max_pixels)
+            return {k: v for k, v in r.items() if k != "data"} | facts | {"image": img}
+
+        return list(self.pool.map(one, rows))
+
+    def run(self, item: dict) -> L.CommitRecord:
+        """Encode one work item (see plan.py) and write its part; returns its commit record."""
+        enc = item.get("encode") or []
+        shard = Shard(item["shard"], item["kind"], tuple(e[1] for e in enc), tuple(e[0] for e in enc))
+        if item["kind"] != "files":
+            shard = Shard(item["shard"], item["kind"], (item["container"][1],), (item["container"][0],))
+        only = set(item["only_keys"]) if item.get("only_keys") is not None else None
+        parts = [self._carried(item["carry"])] if item.get("carry") else []
+        chunks = read_shard(shard, self.opts, only_keys=only, image_column=self.image_column) if (enc or item["kind"] != "files") else []
+        for rows in prefetch(iter(chunks), self._decode):
+            out = self.engine.encode_rows(rows)
+            parts.append(pa.Table.from_pylist(out, schema=BITSTREAM_SCHEMA))
+            _report(self.progress, len(out))
+        table = pa.concat_tables(parts).sort_by("key") if parts else BITSTREAM_SCHEMA.empty_table()
+        return self._finish(item, table)
+
+    def _carried(self, carry: dict) -> pa.Table:
+        """Rows of an old part this shard keeps (all but those it re-encodes or drops)."""
+        with self.fs.open(join(self.root, carry["file"]), "rb") as f:
+            t = pq.read_table(f).select(BITSTREAM_SCHEMA.names).cast(BITSTREAM_SCHEMA)
+        drop = carry.get("drop_keys") or []
+        return t.filter(pc.invert(pc.is_in(t.column("key"), value_set=pa.array(drop, pa.string())))) if drop else t
+
+    def _finish(self, item: dict, table: pa.Table) -> L.CommitRecord:
+        st = stats_of(table)
+        by_key = {}
+        if table.num_rows:
+            by_key = dict(zip(table.column("key").to_pylist(),
+                              zip(table.column("source_sha256").to_pylist(), table.column("status").to_pylist())))
+        if item["kind"] == "files":
+            entries = []
+            for e in item.get("carry_entries") or []:
+                if e["entry"] in by_key:
+                    entries.append(L.Entry(**e))
+            for key, _url, size, token in item.get("encode") or []:
+                sha, status = by_key.get(key, (None, STATUS_FAILED))
+                entries.append(L.Entry(key, size, token, sha, int(status != STATUS_OK)))
+        else:
+            key, _url, size, token = item["container"]
+            entries = [L.Entry(key, size, token, None, st["failed"])]
+        rec = L.CommitRecord(shard=item["shard"], file=L.part_name(item["shard"]) if table.num_rows else None,
+                             kind=item["kind"], entries=entries, supersedes=list(item.get("supersedes") or []),
+                             run_id=self.run_id, writer=self.writer, committed_at=now(),
+                             input_bytes=int(item.get("carry_input_bytes") or 0) + sum(e[2] for e in item.get("encode") or []) +
+                             (item["container"][2] if item["kind"] != "files" else 0), **st)
+        if rec.file:
+            write_part(self.fs, self.root, table, rec)
+        return rec
+
+
+class ShardDecoder:
+    """decompress: one bitstream part -> PNG files under DST (or a Parquet part of PNG bytes)."""
+
+    def __init__(self, spec, dst: str, fmt: str = "png", opts: StorageOptions | None = None, run_id: str | None = None,
+                 progress=None, expect_fingerprint: str | None = None, io_threads: int = 4, chunk_rows: int = 32) -> None:
+        self.engine = DecodeActor(spec, emit_pixels=True)
+        if expect_fingerprint and self.engine.fingerprint != expect_fingerprint:
+            raise ValueError(f"the codec options build a codec with fingerprint {self.engine.fingerprint}, but the "
+                             f"dataset was written by {expect_fingerprint}: pass the options it was compressed with")
+        self.fs, self.root = get_fs(dst, opts)
+        self.fmt, self.opts, self.run_id, self.progress, self.chunk_rows = fmt, opts, run_id, progress, chunk_rows
+        self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="fcodec-io")
+        self.writer = worker_id()
+
+    def __call__(self, batch) -> dict:
+        items = batch["work"].to_pylist() if isinstance(batch, pa.Table) else list(batch["work"])
+        return {"record": [json.dumps(self.run(json.loads(w)).to_dict()) for w in items]}
+
+    def _chunks(self, item: dict) -> Iterator[list[dict]]:
+        only = set(item["only_keys"]) if item.get("only_keys") is not None else None
+        fs, path = get_fs(item["url"], self.opts)
+        with fs.open(path, "rb") as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.chunk_rows, columns=BITSTREAM_READ_COLUMNS):
+                rows = rb.to_pylist()
+                rows = [r for r in rows if only is None or r["key"] in only]
+                if rows:
+                    yield rows
+
+    def _finish_row(self, r: dict) -> dict:
+        dest = r.pop("_dest", None)
+        px = r.pop("pixels", None)
+        h, w, gray = r.pop("px_h", None), r.pop("px_w", None), bool(r.pop("gray", False))
+        if px is None:
+            return r
+        import numpy as np
+
+        arr = np.frombuffer(px, dtype=np.uint8).reshape(int(h), int(w), 3)
+        fs = self.fs if self.fmt == "png" else None
+        return finish_decoded(r, arr, gray, dest, fs, self.root)
+
+    def run(self, item: dict) -> L.CommitRecord:
+        out, in_bytes = [], 0
+        for rows in self._chunks(item):
+            decoded = self.engine.decode_rows(rows)
+            in_bytes += sum(len(r.get("bitstream") or b"") for r in rows)
+            out.extend(self.pool.map(self._finish_row, decoded))
+            _report(self.progress, len(rows))
+        table = pa.Table.from_pylist(out, schema=DECODED_SCHEMA) if out else DECODED_SCHEMA.empty_table()
+        st = stats_of(table)
+        rec = L.CommitRecord(shard=item["shard"], file=None, kind=self.fmt, run_id=self.run_id, writer=self.writer,
+                             committed_at=now(), source_file=item.get("source_file"), input_bytes=in_bytes,
+                             skipped=int(pc.sum(pc.equal(table.column("status"), STATUS_SKIPPED)).as_py() or 0)
+                             if table.num_rows else 0,
+                             output_bytes=sum(int(r.get("_out_bytes") or 0) for r in out), **st)
+        if self.fmt == "parquet" and table.num_rows:
+            rec.file = L.part_name(item["shard"])
+            write_part(self.fs, self.root, table.sort_by("key"), rec)
+        return rec
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a worker that could not start or died (Ray wraps the cause)."""
+    cause = getattr(e, "cause", None) or e
+    return one_line(cause)
+
+
+def wait_s(t0: float) -> float:
+    return time.perf_counter() - t0
