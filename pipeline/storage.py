@@ -24,11 +24,13 @@ from .layout import TMP
 
 # One retry policy for object storage: botocore's adaptive mode (exponential backoff plus
 # client-side rate limiting when the store answers SlowDown), at most this many attempts per
-# request, with connect/read timeouts, so one request gives up after about two minutes at worst.
-# s3fs's own retry loop is set to a single pass, so retries are never stacked.
-S3_MAX_ATTEMPTS = 8
+# request, with connect/read timeouts. A refused endpoint is retried for about 75 s on average
+# (backoff capped at 20 s a try); the worst case, an endpoint that accepts and then stalls, is
+# bounded by attempts x (connect + read timeout) + backoff, about 6 minutes. s3fs's own retry
+# loop is set to a single pass, so retries are never stacked.
+S3_MAX_ATTEMPTS = 10
 S3_CONNECT_TIMEOUT_S = 5
-S3_READ_TIMEOUT_S = 30
+S3_READ_TIMEOUT_S = 20
 
 
 @dataclass
@@ -133,8 +135,23 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 
         _replace_atomically(tmp, path, write)
     else:  # one PUT (botocore retries it per the policy above)
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        def put() -> None:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+        clear_errors(put, f"write {full_url(fs, path)}")
+
+
+def clear_errors(fn, what: str):
+    """Call fn(); an object-store failure that outlived the retry policy becomes one OSError that
+    says what failed and what to do (permission and not-found errors pass as they are)."""
+    try:
+        return fn()
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
+        raise OSError(f"could not {what} after {S3_MAX_ATTEMPTS} attempts ({type(e).__name__}: {e}); "
+                      f"is the object store reachable? Rerun the job to resume") from e
 
 
 def _replace_atomically(tmp: str, final: str, write) -> None:
@@ -168,8 +185,11 @@ def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, tmp_dir: str
         tmp = join(tmp_root, f"{posixpath.basename(name)}.{uuid.uuid4().hex[:8]}.part")
         _replace_atomically(tmp, final, lambda p: pq.write_table(table, p, **write_kwargs))
     else:
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f, **write_kwargs)
+        def put() -> None:
+            with fs.open(final, "wb") as f:
+                pq.write_table(table, f, **write_kwargs)
+
+        clear_errors(put, f"write {full_url(fs, final)}")
     return final
 
 
