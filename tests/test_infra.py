@@ -1,5 +1,6 @@
 """infra/: manifests parse and carry the fields the CRDs require and validate strictly (unknown
-fields rejected) against KubeRay's real CRD schemas and the Kubernetes schemas; entrypoints are
+fields rejected) against KubeRay's real CRD schemas, the Kubernetes schemas and Ray's cluster-config
+schema; entrypoints are
 real fcodec commands, image tags agree, no credentials in files; the RayJob entrypoint runs end to
 end against a head started with `ray start --head`."""
 from __future__ import annotations
@@ -355,6 +356,21 @@ def test_the_core_check_rejects_unknown_fields_and_wrong_types():
         "spec.suspend: 'no' is not of type 'boolean', 'null'"]
     assert _metadata_errors(_edited(_doc("raycronjob-compress.yaml"), ["metadata"], "nam", "x")) == [
         "metadata: Additional properties are not allowed ('nam' was unexpected)"]
+
+
+def test_cluster_launcher_config_validates_against_rays_schema():
+    """`ray up` checks its config against ray/autoscaler/ray-schema.json (shipped in the ray package,
+    the version pyproject pins); so do we, and the check rejects an unknown key."""
+    import importlib.resources
+    import json
+
+    schema = json.loads((importlib.resources.files("ray.autoscaler") / "ray-schema.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    config = yaml.safe_load((INFRA / "ray-cluster-launcher.yaml").read_text())
+    assert [e.message for e in validator.iter_errors(config)] == []
+    bad = {**config, "max_worker": 3}
+    assert [e.message for e in validator.iter_errors(bad)] == [
+        "Additional properties are not allowed ('max_worker' was unexpected)"]
 
 
 def test_image_tags_agree_with_the_package_version():
