@@ -1,8 +1,7 @@
 """infra/: manifests parse and carry the fields the CRDs require and validate strictly (unknown
-fields rejected) against KubeRay's real CRD schemas, the Kubernetes schemas and Ray's cluster-config
-schema; entrypoints are
-real fcodec commands, image tags agree, no credentials in files; the RayJob entrypoint runs end to
-end against a head started with `ray start --head`."""
+fields rejected) against KubeRay's real CRD schemas, the Kubernetes schemas and Ray's
+cluster-config schema; entrypoints are real fcodec commands, image tags agree, no credentials in
+files; the RayJob entrypoint runs end to end against a head started with `ray start --head`."""
 from __future__ import annotations
 
 import copy
