@@ -3,7 +3,8 @@
 Taken with a conditional create (local: a hard link, which fails if the name exists; S3 and
 moto: `If-None-Match: *` through s3fs's exclusive "xb" mode), renewed by a heartbeat thread, and
 removed when the run ends. A second run finds it held and stops at once naming the holder; a
-crashed holder stops renewing, so its lease expires and the next run takes it over.
+crashed holder stops renewing, so its lease expires and the next run takes it over (at once
+when the holder ran on the same host and its process is gone).
 
 Takeover of an expired lease is delete-then-create, which two runs racing for the same dead
 lease could interleave; the read-back after the create makes the loser notice and stop.
@@ -91,13 +92,29 @@ def acquire(fs, root: str, ttl_s: float = DEFAULT_TTL_S, owner: str | None = Non
         cur = _read(fs, path)
         if cur is None:
             continue  # vanished between create and read: try again
-        if float(cur.get("expires_at", 0)) > time.time():
+        if float(cur.get("expires_at", 0)) > time.time() and not _holder_is_dead(cur.get("owner", "")):
             left = float(cur["expires_at"]) - time.time()
             raise LeaseHeld(f"{root} is being written by another run ({cur.get('owner')}); its lease expires in "
                             f"{left:.0f} s unless renewed. Wait for it to finish, or if that run is gone, delete "
                             f"{path}")
         fs.rm(path)  # expired: the holder crashed
     raise LeaseHeld(f"could not take the lease {path}: another run is taking it at the same time")
+
+
+def _holder_is_dead(owner: str) -> bool:
+    """True when the holder ran on this host and its process is gone (a crashed run here need
+    not wait for its lease to expire)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _read(fs, path: str) -> dict | None:

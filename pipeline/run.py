@@ -241,13 +241,30 @@ def reconcile(books: Books, cat: Catalog, echo: Callable[[str], None]) -> dict:
 
 def _check_codec(cat: Catalog, spec: CodecSpec, where: str) -> CodecSpec:
     """The spec to run with: the dataset's own codec, with the given options (an error if they
-    contradict it)."""
+    contradict it). A backbone that was a local folder may be given at another path (it moved);
+    the workers then check its fingerprint against the dataset's."""
     m = cat.manifest
     if m is None or not m.codec:
         return spec
-    return CodecSpec.from_dict(m.codec, f"{where} manifest").merged_with(
-        {k: v for k, v in spec.to_dict().items() if v is not None and v != CodecSpec.__dataclass_fields__[k].default},
-        where=where)
+    keys = CodecSpec.dataset_keys()
+    if m.backbone.get("folder"):
+        keys = tuple(k for k in keys if k != "backbone")
+    given = {k: v for k, v in spec.to_dict().items() if v is not None and v != CodecSpec.__dataclass_fields__[k].default}
+    return CodecSpec.from_dict(m.codec, f"{where} manifest").merged_with(given, keys=keys, where=where)
+
+
+def _check_backbone_reachable(spec: CodecSpec, m: L.Manifest | None) -> None:
+    """A dataset written with a local backbone folder that is not there now: say what it was,
+    before any row is attempted."""
+    import os
+
+    if m is None or spec.baseline or not m.backbone.get("folder"):
+        return
+    name = spec.resolved_backbone()
+    if not os.path.isdir(name):
+        fp = (m.codec_fingerprint or "")[:16]
+        raise ValueError(f"the dataset was written with the backbone folder '{m.backbone['folder']}' ({name}, "
+                         f"fingerprint {fp}), which is not there now: pass --backbone DIR with that folder")
 
 
 def _manifest(kind: str, cat: Catalog, spec: CodecSpec, cfg: JobConfig, run: dict, fingerprint: str | None,
@@ -402,6 +419,7 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
     if not source.shards:
         raise ValueError(f"{cfg.src} has no committed shards: is it a `fcodec compress` output?")
     spec = _check_codec(source, CodecSpec.from_dict(cfg.codec), cfg.src)
+    _check_backbone_reachable(spec, source.manifest)
     expect = source.manifest.codec_fingerprint if source.manifest else None
     books = Books(dfs, droot)
     run_id = new_run_id()
