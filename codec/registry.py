@@ -200,13 +200,14 @@ def resolve_backbone(fp: bytes | str) -> BuiltinBackbone:
     return found
 
 
-def resolve_codec_weights(codec_fp: bytes | str, backbone_fp: bytes | str | None = None) -> ShippedCodec:
+def resolve_codec_weights(codec_fp: bytes | str, backbone_fp: bytes | str | None = None,
+                          entropy: str = "codec") -> ShippedCodec:
     """Shipped codec weights for a record; the error lists the known ones and says what to pass."""
     codec_fp = codec_fp.hex() if isinstance(codec_fp, bytes) else codec_fp
     found = codec_for_fingerprint(codec_fp, backbone_fp)
     if found is None:
         known = ", ".join(f"{c.name} ({c.codec_fingerprint})" for c in codec_weights()) or "none ship with this version"
-        raise RegistryError(f"the record's codec fingerprint {codec_fp} is not shipped codec weights (known: {known}); "
+        raise RegistryError(f"the record's {entropy} weights (codec fingerprint {codec_fp}) are not shipped (known: {known}); "
                             "pass --codec-weights DIR with the weights it was encoded with")
     return found
 
@@ -237,7 +238,7 @@ def options_for_record(data: bytes, backbone: str | None = None, vae: str | None
     if backbone is None:
         backbone = _backbone_with_vae(rec.backbone_fp, vae) if vae else resolve_backbone(rec.backbone_fp).name
     if codec_weights is None and not (entropy == "static" and rec.codec_fp.hex() == STATIC_CODEC_FINGERPRINT):
-        codec_weights = str(resolve_codec_weights(rec.codec_fp, rec.backbone_fp).path)
+        codec_weights = str(resolve_codec_weights(rec.codec_fp, rec.backbone_fp, entropy).path)
     return {"backbone": backbone, "vae": vae, "entropy": entropy, "codec_weights": codec_weights}
 
 
