@@ -246,7 +246,7 @@ def _backbone_with_vae(fp: bytes, vae: str) -> str:
     """The built-in that, with this VAE in place of its own, has the record's fingerprint (loads each)."""
     from . import load_backbone
 
-    for b in reversed(backbones()):  # newest first
+    for b in backbones():
         if load_backbone(b.name, vae).fingerprint() == fp:
             return b.name
     raise RegistryError(f"no built-in backbone with the VAE in '{vae}' has the record's fingerprint {fp.hex()} "

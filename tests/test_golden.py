@@ -7,6 +7,7 @@ here means today's code no longer reads last release's archives.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -25,6 +26,22 @@ V1 = Path(__file__).parent / "golden" / "v1"
 INDEX = json.loads((V1 / "index.json").read_text())
 RECORDS = {r["name"]: r for r in INDEX["records"]}
 _CODECS: dict = {}
+
+
+def _tree_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(V1.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(V1)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixtures_stay_untouched():
+    """No test (nor the code under test) may write into the golden folder."""
+    before = _tree_digest()
+    yield
+    assert _tree_digest() == before, "tests/golden/v1 was modified: golden fixtures are read-only"
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -156,7 +173,8 @@ def test_exact_mode_is_deterministic_across_threads_and_batches(request):
             continue  # the TAESD record without ../shared
         groups.setdefault(json.dumps(opts, sort_keys=True), []).append(str(V1 / RECORDS[name]["file"]))
     specs = [{"opts": json.loads(k), "files": v} for k, v in groups.items()]
-    want = {str(V1 / e["file"]): hashlib_of(read_png(V1 / e["exact"])) for e in RECORDS.values()}
+    want = {str(V1 / e["file"]): hashlib.sha256(read_png(V1 / e["exact"]).tobytes()).hexdigest()
+            for e in RECORDS.values()}
     p = subprocess.run([sys.executable, "-c", DETERMINISM, json.dumps(specs)],
                        capture_output=True, text=True, timeout=600, env=_env(4))
     assert p.returncode == 0, p.stderr[-2000:]
@@ -164,12 +182,6 @@ def test_exact_mode_is_deterministic_across_threads_and_batches(request):
     assert set(got) == {f for s in specs for f in s["files"]}
     for f, hashes in got.items():
         assert hashes == [want[f]], f"{Path(f).name}: {len(hashes)} distinct decodes across threads and batches"
-
-
-def hashlib_of(px: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(px).tobytes()).hexdigest()
 
 
 def _env(threads: int) -> dict:
