@@ -237,6 +237,13 @@ def options_for_record(data: bytes, backbone: str | None = None, vae: str | None
                                 f"(known: {', '.join(f'{k} {v}' for k, v in ENTROPY_NAMES.items())})")
     if backbone is None:
         backbone = _backbone_with_vae(rec.backbone_fp, vae) if vae else resolve_backbone(rec.backbone_fp).name
+    elif not vae:
+        given, made = lookup(backbone), backbone_for_fingerprint(rec.backbone_fp)
+        if given is not None and made is not None and given.name != made.name:
+            # e.g. `--backbone nano` (now nano-v2) on an archive of nano-v1
+            shown = backbone if backbone == given.name else f"{backbone} (= {given.name})"
+            raise RegistryError(f"the record was made with the built-in backbone {made.name}, not {shown}: "
+                                f"pass --backbone {made.name} or leave --backbone out")
     if codec_weights is None and not (entropy == "static" and rec.codec_fp.hex() == STATIC_CODEC_FINGERPRINT):
         codec_weights = str(resolve_codec_weights(rec.codec_fp, rec.backbone_fp, entropy).path)
     return {"backbone": backbone, "vae": vae, "entropy": entropy, "codec_weights": codec_weights}

@@ -109,6 +109,9 @@ def test_retrained_nano_is_added_beside_and_old_records_still_decode(nano_v2, tm
     got = load_codec(**opts, config=CodecConfig(precision="exact")).decode([data])[0]
     assert np.array_equal(got, png_pixels(V1 / entry["exact"]))
     assert main(["decode", str(V1 / entry["file"]), str(tmp_path / "old.png")]) == 0
+    with pytest.raises(registry.RegistryError, match=r"made with the built-in backbone nano-v1, not nano \(= nano-v2\)"):
+        registry.options_for_record(data, backbone="nano")
+    assert registry.options_for_record(data, backbone="nano-v1")["backbone"] == "nano-v1"
     d = np.abs(png_pixels(tmp_path / "old.png").astype(int) - png_pixels(V1 / entry["default"]).astype(int))
     assert d.max() <= 1 and (d > 0).mean() <= 0.001
 
