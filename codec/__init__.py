@@ -27,25 +27,39 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'codec' has no attribute {name!r}")
 
 
-NANO_DIR = Path(__file__).parent / "weights" / "nano"
+def _newest_nano_dir() -> Path:
+    from .registry import WEIGHTS_DIR, newest
+
+    nano = newest("nano")
+    return nano.path if nano is not None and nano.path is not None else WEIGHTS_DIR / "nano-v1"
+
+
+# The newest shipped nano snapshot (codec/weights/nano-v<N>/); older versions stay beside it.
+NANO_DIR = _newest_nano_dir()
 
 
 def default_backbone() -> str:
-    """The project's own nano backbone once its weights ship; the random tiny one until then."""
-    return "nano" if (NANO_DIR / "model_index.json").is_file() else "tiny"
+    """The project's own nano backbone (its newest version) once its weights ship; tiny until then."""
+    from .registry import newest
+
+    return "nano" if newest("nano") is not None else "tiny"
 
 
 def load_backbone(spec: str = "tiny", vae: str | None = None, device: str | None = None) -> Backbone:
-    """Resolve a backbone spec: `tiny`, `nano`, a hub id or a snapshot folder; optional TAESD VAE."""
+    """Resolve a backbone spec: a built-in (`tiny`, `nano` = newest nano, `nano-v1`, ...; see
+    codec/registry.py), a hub id or a snapshot folder; optional TAESD VAE."""
+    from . import registry
     from .backbone import Backbone, BackboneError
 
-    if spec == "tiny":
+    builtin = registry.lookup(spec)
+    if builtin is not None and builtin.path is None:
         bb = Backbone.tiny(0)
-    elif spec == "nano":
-        if not (NANO_DIR / "model_index.json").is_file():
-            raise BackboneError(f"the nano backbone's weights are not installed at {NANO_DIR}; use --backbone tiny")
-        bb = Backbone.from_pretrained(str(NANO_DIR))
-        bb.name = "nano"
+    elif builtin is not None:
+        bb = Backbone.from_pretrained(str(builtin.path))
+        bb.name = builtin.name
+    elif (spec == "nano" or registry.VERSIONED_NAME.fullmatch(spec)) and not Path(spec).is_dir():
+        raise BackboneError(f"no built-in backbone '{spec}' (known: {registry.known_backbones_text()}); "
+                            "pass --backbone DIR with a snapshot folder")
     else:
         bb = Backbone.from_pretrained(spec)
     if vae:

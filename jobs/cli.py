@@ -8,7 +8,7 @@ import sys
 
 # Every module under jobs/ that defines add_parser(sub) and run(args) is a subcommand; these
 # come first in --help, the rest alphabetically. Keep heavy imports inside run().
-FIRST = ["demo", "encode", "decode", "compress", "decompress", "verify", "audit", "compare", "train", "bench"]
+FIRST = ["demo", "encode", "decode", "inspect", "compress", "decompress", "verify", "audit", "compare", "train", "bench"]
 
 
 def job_names() -> list[str]:

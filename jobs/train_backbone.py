@@ -6,7 +6,7 @@
     fcodec train-backbone ... --eval ../shared/data/usc_sipi                   # + held-out numbers
 
 The output folder is a diffusers SD snapshot (`--backbone nano-out` loads it); the committed
-`codec/weights/nano/` was made this way (see its MODEL_CARD.md for the exact command).
+`codec/weights/nano-v1/` was made this way (see its MODEL_CARD.md for the exact command).
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def test_committed_weights_match_sha256_and_load_in_fresh_process():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     fp, sf, pred, name = p.stdout.split()
-    assert fp == sums["backbone_fingerprint"] and name == "nano" and pred == sums["prediction_type"]
+    assert fp == sums["backbone_fingerprint"] and name == "nano-v1" and pred == sums["prediction_type"]
     assert abs(float(sf) - sums["scaling_factor"]) < 1e-9
 
 

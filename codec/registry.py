@@ -1,0 +1,269 @@
+"""Built-in backbones and shipped codec weights, versioned and keyed by fingerprint.
+
+An archive names its models only by fingerprint (docs/bitstream.md), so the package must keep
+every model it ever shipped under a name that never changes meaning:
+
+* backbones: `tiny` (built in code), and one folder per trained version under
+  `codec/weights/<family>-v<N>/` (a diffusers snapshot with `weights.sha256.json`, which records
+  its fingerprint). `nano` is an alias of the newest `nano-v<N>`. A retrained nano is added as
+  `nano-v2` beside `nano-v1`, never over it, so records of `nano-v1` still decode.
+* codec weights (entropy model, estimator): any folder under `codec/weights/` holding a
+  `codec_config.json` (as `DiffusionCodec.save_pretrained` writes it), keyed by the codec
+  fingerprint recorded there. None ship yet.
+
+Lookups need no torch: fingerprints come from the JSON files beside the weights (and a constant
+for `tiny`, whose weights are a seeded random init; tests/test_registry.py recomputes it).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# Backbone.tiny(0) under the pinned torch; golden records carry it (tests/golden/v1).
+TINY_FINGERPRINT = "8e0ab3e836b8832c"
+# The static entropy model's fingerprint (format 1 + its scale table); it needs no weights.
+STATIC_CODEC_FINGERPRINT = "9d211aaae4f75951"
+VERSIONED_NAME = re.compile(r"(?P<family>[a-z][a-z0-9]*)-v(?P<version>[0-9]+)")
+
+
+class RegistryError(ValueError):
+    """A name or fingerprint the registry does not know; the message lists what it knows."""
+
+
+@dataclass(frozen=True)
+class BuiltinBackbone:
+    """One built-in backbone: `path` is its snapshot folder (None: built in code, `tiny`)."""
+
+    name: str
+    fingerprint: str  # 16 hex digits, as records carry it
+    path: Path | None = None
+
+    @property
+    def family(self) -> str:
+        m = VERSIONED_NAME.fullmatch(self.name)
+        return m["family"] if m else self.name
+
+    @property
+    def version(self) -> int:
+        m = VERSIONED_NAME.fullmatch(self.name)
+        return int(m["version"]) if m else 0
+
+
+@dataclass(frozen=True)
+class ShippedCodec:
+    """One set of codec weights (a `save_pretrained` folder) and the models it belongs to."""
+
+    name: str
+    codec_fingerprint: str
+    backbone_fingerprint: str
+    entropy: str
+    path: Path
+
+
+_backbones: dict[str, BuiltinBackbone] = {}
+_codecs: dict[str, ShippedCodec] = {}
+_scanned = False
+
+
+def _scan() -> None:
+    """Register what ships in codec/weights/ once (folders named <family>-v<N> or with codec_config.json)."""
+    global _scanned
+    if _scanned:
+        return
+    _scanned = True
+    _backbones.setdefault("tiny", BuiltinBackbone("tiny", TINY_FINGERPRINT))
+    if not WEIGHTS_DIR.is_dir():
+        return
+    for d in sorted(WEIGHTS_DIR.iterdir()):
+        if (d / "codec_config.json").is_file():
+            register_codec_weights(d.name, d)
+        elif VERSIONED_NAME.fullmatch(d.name) and (d / "model_index.json").is_file():
+            register_backbone(d.name, d)
+
+
+def register_backbone(name: str, path: str | Path, fingerprint: str | None = None) -> BuiltinBackbone:
+    """Add a backbone snapshot folder under a versioned name (`nano-v2`); `nano` then aliases the newest.
+
+    The fingerprint comes from `fingerprint`, else the folder's `weights.sha256.json`, else it is
+    computed by loading the folder (torch). A name is never reused for other weights.
+    """
+    _scan()
+    if not VERSIONED_NAME.fullmatch(name):
+        raise RegistryError(f"built-in backbone names are versioned, like 'nano-v2' (got '{name}')")
+    path = Path(path)
+    if fingerprint is None:
+        sums = path / "weights.sha256.json"
+        if sums.is_file():
+            fingerprint = json.loads(sums.read_text()).get("backbone_fingerprint")
+    if fingerprint is None:
+        from .backbone import Backbone
+
+        fingerprint = Backbone.from_pretrained(str(path)).fingerprint().hex()
+    old = _backbones.get(name)
+    if old is not None and old.fingerprint != fingerprint:
+        raise RegistryError(f"backbone '{name}' is already registered with fingerprint {old.fingerprint}; "
+                            f"retrained weights get a new version, e.g. '{old.family}-v{newest(old.family).version + 1}'")
+    entry = BuiltinBackbone(name, fingerprint, path)
+    _backbones[name] = entry
+    return entry
+
+
+def unregister_backbone(name: str) -> None:
+    """Forget a backbone registered at run time (tests)."""
+    _scan()
+    _backbones.pop(name, None)
+
+
+def register_codec_weights(name: str, path: str | Path) -> ShippedCodec:
+    """Add a codec-weights folder (codec_config.json + safetensors), keyed by its codec fingerprint."""
+    path = Path(path)
+    cfg_path = path / "codec_config.json"
+    if not cfg_path.is_file():
+        raise RegistryError(f"no codec weights at '{path}' (expected codec_config.json from `fcodec train`)")
+    cfg = json.loads(cfg_path.read_text())
+    entry = ShippedCodec(name, cfg["codec_fingerprint"], cfg["backbone_fingerprint"], cfg["entropy"], path)
+    _codecs[name] = entry
+    return entry
+
+
+def unregister_codec_weights(name: str) -> None:
+    """Forget codec weights registered at run time (tests)."""
+    _codecs.pop(name, None)
+
+
+def backbones() -> list[BuiltinBackbone]:
+    """Every built-in backbone, by family then version."""
+    _scan()
+    return sorted(_backbones.values(), key=lambda b: (b.family, b.version))
+
+
+def codec_weights() -> list[ShippedCodec]:
+    """Every shipped (or registered) set of codec weights, by name."""
+    _scan()
+    return sorted(_codecs.values(), key=lambda c: c.name)
+
+
+def newest(family: str) -> BuiltinBackbone | None:
+    """The highest version of a family (`nano` -> `nano-v1` today), or None."""
+    found = [b for b in backbones() if b.family == family and b.version > 0]
+    return max(found, key=lambda b: b.version) if found else None
+
+
+def lookup(spec: str) -> BuiltinBackbone | None:
+    """A built-in backbone by name or alias (`tiny`, `nano`, `nano-v1`); None for anything else
+    (a hub id or a folder, which `load_backbone` loads as such)."""
+    _scan()
+    if spec in _backbones:
+        return _backbones[spec]
+    if VERSIONED_NAME.fullmatch(spec):
+        return None
+    return newest(spec)
+
+
+def aliases() -> dict[str, str]:
+    """Family alias -> the versioned name it resolves to now, e.g. {'nano': 'nano-v1'}."""
+    return {b.family: newest(b.family).name for b in backbones() if b.version > 0}
+
+
+def backbone_for_fingerprint(fp: bytes | str) -> BuiltinBackbone | None:
+    """The built-in backbone whose weights a record's backbone fingerprint names, or None."""
+    fp = fp.hex() if isinstance(fp, bytes) else fp
+    return next((b for b in backbones() if b.fingerprint == fp), None)
+
+
+def codec_for_fingerprint(codec_fp: bytes | str, backbone_fp: bytes | str | None = None) -> ShippedCodec | None:
+    """Shipped codec weights with this codec fingerprint (and backbone, if given), or None."""
+    codec_fp = codec_fp.hex() if isinstance(codec_fp, bytes) else codec_fp
+    backbone_fp = backbone_fp.hex() if isinstance(backbone_fp, bytes) else backbone_fp
+    return next((c for c in codec_weights() if c.codec_fingerprint == codec_fp
+                 and (backbone_fp is None or c.backbone_fingerprint == backbone_fp)), None)
+
+
+def known_backbones_text() -> str:
+    """'tiny (8e0a…), nano-v1 (ca97…; alias nano)' for error messages."""
+    alias = {v: k for k, v in aliases().items()}
+    return ", ".join(f"{b.name} ({b.fingerprint}" + (f"; alias {alias[b.name]})" if b.name in alias else ")")
+                     for b in backbones())
+
+
+def resolve_backbone(fp: bytes | str) -> BuiltinBackbone:
+    """The built-in backbone for a record's fingerprint; the error lists the known ones."""
+    fp = fp.hex() if isinstance(fp, bytes) else fp
+    found = backbone_for_fingerprint(fp)
+    if found is None:
+        raise RegistryError(
+            f"the record's backbone fingerprint {fp} is not a built-in backbone (known: {known_backbones_text()}); "
+            "pass --backbone DIR (and --vae DIR) with the backbone it was encoded with")
+    return found
+
+
+def resolve_codec_weights(codec_fp: bytes | str, backbone_fp: bytes | str | None = None,
+                          entropy: str = "codec") -> ShippedCodec:
+    """Shipped codec weights for a record; the error lists the known ones and says what to pass."""
+    codec_fp = codec_fp.hex() if isinstance(codec_fp, bytes) else codec_fp
+    found = codec_for_fingerprint(codec_fp, backbone_fp)
+    if found is None:
+        known = ", ".join(f"{c.name} ({c.codec_fingerprint})" for c in codec_weights()) or "none ship with this version"
+        raise RegistryError(f"the record's {entropy} weights (codec fingerprint {codec_fp}) are not shipped (known: {known}); "
+                            "pass --codec-weights DIR with the weights it was encoded with")
+    return found
+
+
+
+
+# entropy model id in a record -> name (codec.entropy.ENTROPY_IDS, without importing torch)
+ENTROPY_NAMES = {0: "static", 1: "hyperprior"}
+
+
+def options_for_record(data: bytes, backbone: str | None = None, vae: str | None = None,
+                       entropy: str | None = None, codec_weights: str | None = None) -> dict:
+    """Fill the codec options a caller left out (None) from what a record names.
+
+    backbone: the built-in whose fingerprint the record carries (with `vae`, the built-in that,
+    with that VAE, has it); entropy: the record's model; codec_weights: the shipped weights with
+    the record's codec fingerprint (none for the static model). Options given are kept as they
+    are. Errors name the fingerprint, list the known models and say which flag to pass.
+    """
+    from . import bitstream
+
+    rec = bitstream.parse(data)
+    if entropy is None:
+        entropy = ENTROPY_NAMES.get(rec.entropy_id)
+        if entropy is None:
+            raise RegistryError(f"the record's entropy model id {rec.entropy_id} is unknown to this version "
+                                f"(known: {', '.join(f'{k} {v}' for k, v in ENTROPY_NAMES.items())})")
+    if backbone is None:
+        backbone = _backbone_with_vae(rec.backbone_fp, vae) if vae else resolve_backbone(rec.backbone_fp).name
+    elif not vae:
+        given, made = lookup(backbone), backbone_for_fingerprint(rec.backbone_fp)
+        if given is not None and made is not None and given.name != made.name:
+            # e.g. `--backbone nano` (now nano-v2) on an archive of nano-v1
+            shown = backbone if backbone == given.name else f"{backbone} (= {given.name})"
+            raise RegistryError(f"the record was made with the built-in backbone {made.name}, not {shown}: "
+                                f"pass --backbone {made.name} or leave --backbone out")
+    if codec_weights is None and not (entropy == "static" and rec.codec_fp.hex() == STATIC_CODEC_FINGERPRINT):
+        codec_weights = str(resolve_codec_weights(rec.codec_fp, rec.backbone_fp, entropy).path)
+    return {"backbone": backbone, "vae": vae, "entropy": entropy, "codec_weights": codec_weights}
+
+
+def _backbone_with_vae(fp: bytes, vae: str) -> str:
+    """The built-in that, with this VAE in place of its own, has the record's fingerprint (loads each)."""
+    from . import load_backbone
+
+    for b in backbones():
+        if load_backbone(b.name, vae).fingerprint() == fp:
+            return b.name
+    raise RegistryError(f"no built-in backbone with the VAE in '{vae}' has the record's fingerprint {fp.hex()} "
+                        f"(known: {known_backbones_text()}); pass --backbone DIR with the backbone it was encoded with")
+
+
+__all__ = [
+    "BuiltinBackbone", "ENTROPY_NAMES", "RegistryError", "STATIC_CODEC_FINGERPRINT", "ShippedCodec", "TINY_FINGERPRINT",
+    "VERSIONED_NAME", "WEIGHTS_DIR", "aliases", "backbone_for_fingerprint", "backbones", "codec_for_fingerprint",
+    "codec_weights", "known_backbones_text", "lookup", "newest", "options_for_record", "register_backbone",
+    "register_codec_weights", "resolve_backbone", "resolve_codec_weights", "unregister_backbone",
+    "unregister_codec_weights",
+]

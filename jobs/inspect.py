@@ -1,0 +1,26 @@
+"""`fcodec inspect FILE.fdc | DATASET`: what a record's header or a dataset's manifest says,
+without loading any model (codec/inspect.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("inspect", help="show a .fdc record's header or a bitstream dataset's summary",
+                       description="Print a record's header (format version, backbone name and fingerprint, "
+                                   "entropy model, codec fingerprint, t, γ, sizes, string lengths, CRC) or a "
+                                   "local dataset's manifest summary (codec, counts, shards, mean bpp, dates, "
+                                   "the software version that wrote it). Exit 0: readable; 1: the record's "
+                                   "checksum is wrong; 2: not a record or dataset (truncated, unreadable).")
+    p.add_argument("path", help="a .fdc file or a bitstream dataset folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from codec.inspect import format_report, inspect_path
+
+    info = inspect_path(args.path)
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else "\n".join(format_report(info)))
+    return 0 if info.get("crc_ok", True) else 1
