@@ -76,6 +76,10 @@ class CodecSpec:
         """Every option, defaults included (what manifests store)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def pinned(self) -> "CodecSpec":
+        """This spec with the backbone resolved (what a manifest stores and workers load)."""
+        return self if self.baseline else replace(self, backbone=self.resolved_backbone())
+
     def replace(self, **changes: Any) -> "CodecSpec":
         return replace(self, **changes)
 
@@ -86,12 +90,14 @@ class CodecSpec:
         return tuple(f.name for f in fields(cls) if f.metadata["match"] == DATASET)
 
     def resolved_backbone(self) -> str:
-        """The backbone name with the default filled in (cheap: no torch)."""
-        if self.backbone:
-            return self.backbone
+        """The backbone with the default filled in and a built-in alias resolved to its version
+        (`nano` -> `nano-v1`), so a manifest names weights that never change (cheap: no torch)."""
         from . import default_backbone
+        from .registry import lookup
 
-        return default_backbone()
+        name = self.backbone or default_backbone()
+        builtin = lookup(name)
+        return builtin.name if builtin is not None else name
 
     def identity(self, keys: tuple[str, ...] | None = None) -> dict:
         """The options that must match (default: `dataset_keys`), defaults resolved."""

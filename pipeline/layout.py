@@ -205,7 +205,7 @@ class Manifest:
     _SPEC = {"kind": (str, True), "layout": (int, False), "codec": (dict, False), "backbone": (dict, False),
              "codec_fingerprint": (str, False), "software_version": (str, False), "created_at": (str, False),
              "updated_at": (str, False), "totals": (dict, False), "complete": (bool, False), "source": (str, False),
-             "format": (str, False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False)}
+             "format": ((str, int), False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +219,7 @@ class Manifest:
             m.layout = 1
             cfg = d.get("config") if isinstance(d.get("config"), dict) else {}
             m.codec = dict(cfg.get("codec") or {}) if isinstance(cfg.get("codec") or {}, dict) else {}
-            if isinstance(d.get("format"), int):
+            if isinstance(m.format, int):  # 0.1.0's bitstream manifests said "format": 1
                 m.format = None
         elif m.layout > LAYOUT_VERSION:
             raise LayoutError(f"{where}: dataset layout {m.layout} is newer than this fcodec reads "

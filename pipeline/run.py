@@ -245,12 +245,19 @@ def _check_codec(cat: Catalog, spec: CodecSpec, where: str) -> CodecSpec:
     the workers then check its fingerprint against the dataset's."""
     m = cat.manifest
     if m is None or not m.codec:
-        return spec
+        return spec.pinned()
+    codec = dict(m.codec)
+    if m.codec_fingerprint and not codec.get("vae") and not codec.get("baseline"):
+        from codec.registry import backbone_for_fingerprint
+
+        builtin = backbone_for_fingerprint(m.codec_fingerprint[:16])  # layout 1 wrote the alias ("nano")
+        if builtin is not None:
+            codec["backbone"] = builtin.name
     keys = CodecSpec.dataset_keys()
     if m.backbone.get("folder"):
         keys = tuple(k for k in keys if k != "backbone")
     given = {k: v for k, v in spec.to_dict().items() if v is not None and v != CodecSpec.__dataclass_fields__[k].default}
-    return CodecSpec.from_dict(m.codec, f"{where} manifest").merged_with(given, keys=keys, where=where)
+    return CodecSpec.from_dict(codec, f"{where} manifest").merged_with(given, keys=keys, where=where).pinned()
 
 
 def _check_backbone_reachable(spec: CodecSpec, m: L.Manifest | None) -> None:
