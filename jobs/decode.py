@@ -31,7 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from codec import bitstream, to_png
-    from codec.registry import options_for_record
+    from codec.resolve import options_for_record
 
     data = Path(args.bitstream).read_bytes()
     vars(args).update(options_for_record(data, args.backbone, args.vae, args.entropy, args.codec_weights))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codec import CodecConfig, NANO_DIR, bitstream, default_backbone, load_backbone, load_codec, registry
+from codec import CodecConfig, NANO_DIR, bitstream, default_backbone, load_backbone, load_codec, registry, resolve
 from jobs.cli import main
 from jobs.samples import sample_image
 
@@ -104,14 +104,14 @@ def test_retrained_nano_is_added_beside_and_old_records_still_decode(nano_v2, tm
     # records of nano-v1 still decode to identical pixels (exact mode), and through the CLI
     entry = GOLDEN["nano_t50"]
     data = (V1 / entry["file"]).read_bytes()
-    opts = registry.options_for_record(data)
+    opts = resolve.options_for_record(data)
     assert opts["backbone"] == "nano-v1"
     got = load_codec(**opts, config=CodecConfig(precision="exact")).decode([data])[0]
     assert np.array_equal(got, png_pixels(V1 / entry["exact"]))
     assert main(["decode", str(V1 / entry["file"]), str(tmp_path / "old.png")]) == 0
     with pytest.raises(registry.RegistryError, match=r"made with the built-in backbone nano-v1, not nano \(= nano-v2\)"):
-        registry.options_for_record(data, backbone="nano")
-    assert registry.options_for_record(data, backbone="nano-v1")["backbone"] == "nano-v1"
+        resolve.options_for_record(data, backbone="nano")
+    assert resolve.options_for_record(data, backbone="nano-v1")["backbone"] == "nano-v1"
     d = np.abs(png_pixels(tmp_path / "old.png").astype(int) - png_pixels(V1 / entry["default"]).astype(int))
     assert d.max() <= 1 and (d > 0).mean() <= 0.001
 
@@ -139,6 +139,6 @@ def test_record_with_a_vae_finds_its_builtin(taesd_dir):
     entry = GOLDEN["nano_taesd_t100"]
     data = (V1 / entry["file"]).read_bytes()
     with pytest.raises(registry.RegistryError, match="--backbone DIR"):
-        registry.options_for_record(data)
-    assert registry.options_for_record(data, vae=str(taesd_dir))["backbone"] == "nano-v1"
+        resolve.options_for_record(data)
+    assert resolve.options_for_record(data, vae=str(taesd_dir))["backbone"] == "nano-v1"
 
