@@ -36,8 +36,9 @@ def run_dataset_job(args: argparse.Namespace, which: str) -> int:
     """Print the resolved config, run compress or decompress, return the exit code."""
     from pipeline import run as pr
 
-    extra = ({"image_column": args.image_column, "shard_size": args.shard_size, "mode": args.mode}
-             if which == "compress" else {"format": args.format})
+    extra = ({"image_column": args.image_column, "shard_size": args.shard_size, "mode": args.mode,
+              "keep_columns": args.keep_columns.split(",") if args.keep_columns is not None else None}
+             if which == "compress" else {"format": args.format, "image_format": args.image_format})
     cfg, opts = job_config(args, **extra)
     print("config: " + json.dumps({**cfg.public(), "ray_address": args.ray_address}, sort_keys=True), flush=True)
     fn = pr.compress if which == "compress" else pr.decompress
@@ -60,6 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_positional(p, "src", "input folder, bucket prefix, glob or file")
     add_positional(p, "dst", "output dataset folder or bucket prefix")
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: detected)")
+    p.add_argument("--keep-columns", default=None, metavar="A,B,...",
+                   help="Parquet inputs: the other columns carried into the dataset (default: all; '' for none)")
     p.add_argument("--shard-size", type=int, default=256, help="image files per new shard (default: %(default)s)")
     p.add_argument("--mode", choices=["extend", "sync"], default="extend",
                    help="what to do when sources changed since the last run: extend (default, safe) adds new sources "

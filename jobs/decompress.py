@@ -19,8 +19,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog=EXIT_CODES_HELP)
     add_positional(p, "src", "bitstream dataset folder or bucket prefix")
     add_positional(p, "dst", "output folder or bucket prefix")
-    p.add_argument("--format", choices=["png", "parquet"], default="png",
-                   help="png: one file per key; parquet: part files with a `png` bytes column (default: %(default)s)")
+    p.add_argument("--format", choices=["files", "png", "webdataset", "parquet"], default="files",
+                   help="files (or png): one image file per key; webdataset: one tar shard per bitstream shard with "
+                        "<key>.<image-format> and the key's original sidecars; parquet: part files whose `image` column "
+                        "Hugging Face datasets reads as an Image feature, plus the carried columns (default: %(default)s)")
+    p.add_argument("--image-format", choices=["png", "webp", "jpg"], default="png",
+                   help="how decoded images are stored (default: %(default)s, lossless)")
     add_dataset_job_args(p)
     add_codec_options(p, encode=False, decode=True)
     return p

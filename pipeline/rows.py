@@ -56,23 +56,41 @@ def error_class(error: str | None) -> str:
     return head[:60] or "unknown"
 
 
+IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+
+
 def output_key(key: str, fmt: str = "png") -> str:
-    """Where `decompress` writes a key: the key itself when it already ends in .png, else key +
-    '.png' (one-to-one, so 'a.jpg' and 'a.png' cannot collide). Raises ValueError for keys that
-    would escape the output folder."""
+    """Where `decompress` writes a key: the key itself when it already ends in .<fmt>, else key +
+    '.<fmt>'. Raises ValueError for keys that would escape the output folder. Two keys can map
+    to one name ('x.jpg' and 'x.jpg.png'); the decoder fails the second one, never overwrites."""
     safe_key_path(key)
-    return key if key.lower().endswith(".png") else key + ".png"
+    return key if key.lower().endswith("." + fmt) else f"{key}.{fmt}"
 
 
-def finish_decoded(row: dict, px, gray: bool, dest: str | None, fs=None, root: str | None = None) -> dict:
-    """PNG-encode decoded pixels into `row` and write them to `root/dest` on `fs` (or keep the
-    PNG bytes in the row when fs is None); a failed write makes a failed row."""
-    from codec import to_png
+def encode_image(px, gray: bool, fmt: str = "png") -> bytes:
+    """Decoded pixels as PNG (lossless, the default), WebP or JPEG (quality 95) bytes."""
+    if fmt == "png":
+        from codec import to_png
 
-    png = to_png(px, gray=gray)
-    row.update(png_sha256=sha256_hex(png), status=STATUS_OK, error=None, _out_bytes=len(png))
+        return to_png(px, gray=gray)
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(px).convert("L") if gray else Image.fromarray(px)
+    buf = io.BytesIO()
+    im.save(buf, format=IMAGE_FORMATS[fmt], quality=95)
+    return buf.getvalue()
+
+
+def finish_decoded(row: dict, px, gray: bool, dest: str | None, fs=None, root: str | None = None,
+                   fmt: str = "png") -> dict:
+    """Encode decoded pixels into `row` and write them to `root/dest` on `fs` (or keep the
+    image bytes in the row when fs is None); a failed write makes a failed row."""
+    png = encode_image(px, gray, fmt)
+    row.update(image_sha256=sha256_hex(png), status=STATUS_OK, error=None, _out_bytes=len(png))
     if fs is None:
-        row["png"] = png
+        row["image"] = {"bytes": png, "path": dest}
         return row
     try:
         write_atomic(fs, join(root, dest), png)

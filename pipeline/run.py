@@ -55,7 +55,9 @@ class JobConfig:
     retry_failed: bool = False
     max_shards: int | None = None  # stop after this many shards (incremental runs)
     image_column: str | None = None  # Parquet inputs: the image-bytes column
-    format: str = "png"  # decompress: png files under DST, or parquet of PNG bytes
+    format: str = "files"  # decompress: image files under DST | webdataset tar shards | parquet (png = files)
+    image_format: str = "png"  # decompress: png | webp | jpg
+    keep_columns: list[str] | None = None  # compress, Parquet inputs: the columns carried over (None: all)
     actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
     lease_ttl_s: float = 600.0
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
@@ -318,7 +320,7 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
             _commit(books, cat, rec, stats)
         bar = ProgressBar(plan.n_images, "compress", progress, echo)
         kwargs = {"spec": spec.to_dict(), "dst": cfg.dst, "opts": opts, "image_column": cfg.image_column,
-                  "run_id": run_id, "io_threads": cfg.io_threads}
+                  "run_id": run_id, "io_threads": cfg.io_threads, "keep_columns": cfg.keep_columns}
         info: dict = {}
         rate = Throughput()
         try:
@@ -418,8 +420,13 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
                echo: Callable[[str], None] = print, start_ray: Callable[[], None] | None = None) -> dict:
     """Decode the bitstream dataset at cfg.src to PNGs under cfg.dst (or Parquet with cfg.format),
     with the codec the dataset names (options given in cfg.codec must agree with it)."""
-    if cfg.format not in ("png", "parquet"):
-        raise ValueError(f"unknown output format {cfg.format!r} (png or parquet)")
+    from .rows import IMAGE_FORMATS
+    from .workers import OUTPUT_FORMATS
+
+    if cfg.format not in (*OUTPUT_FORMATS, "png"):
+        raise ValueError(f"unknown output format {cfg.format!r} (choose {', '.join(OUTPUT_FORMATS)})")
+    if cfg.image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {cfg.image_format!r} (choose {', '.join(IMAGE_FORMATS)})")
     sfs, sroot = get_fs(cfg.src, opts)
     dfs, droot = get_fs(cfg.dst, opts)
     source = Books(sfs, sroot).read()
@@ -442,7 +449,8 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
         n_rows = sum(source.shards[w["shard"]].rows if not w.get("only_keys") else len(w["only_keys"]) for w in plan.work)
         bar = ProgressBar(n_rows, "decompress", progress, echo)
         kwargs = {"spec": spec.to_dict(), "dst": cfg.dst, "fmt": cfg.format, "opts": opts, "run_id": run_id,
-                  "expect_fingerprint": expect, "io_threads": cfg.io_threads, "chunk_rows": cfg.rows_per_batch}
+                  "expect_fingerprint": expect, "io_threads": cfg.io_threads, "chunk_rows": cfg.rows_per_batch,
+                  "image_format": cfg.image_format}
         info: dict = {}
         rate = Throughput()
 

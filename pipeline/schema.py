@@ -32,17 +32,52 @@ BITSTREAM_SCHEMA = pa.schema([
     pa.field("error", pa.string()),                        # null when ok; one clear line when failed
 ])
 
+# WebDataset inputs: the other members of an image's key (extension -> bytes, byte for byte).
+# Written in every layout-2 part (null for other inputs), so a dataset's parts agree on it.
+SIDECARS_FIELD = pa.field("sidecars", pa.map_(pa.string(), pa.binary()))
+
+
+def carried_name(column: str) -> str:
+    """The name a Parquet input's column gets in the bitstream dataset: its own, or
+    `source_<name>` where it would clash with one of ours (e.g. a `key` or `status` column)."""
+    ours = set(BITSTREAM_SCHEMA.names) | {SIDECARS_FIELD.name} | set(DECODED_SCHEMA_NAMES)
+    return f"source_{column}" if column in ours else column
+
+
+DECODED_SCHEMA_NAMES = ("key", "width", "height", "image", "image_sha256", "status", "error")
+# Hugging Face's `Image` feature: a struct of the encoded bytes and a path (declared in the schema
+# metadata below, so `datasets.load_dataset("parquet", ...)` shows an Image column).
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
 DECODED_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
-    pa.field("png", pa.large_binary()),
-    pa.field("png_sha256", pa.string()),
+    pa.field("image", IMAGE_TYPE),                          # {bytes: PNG/WebP/JPEG, path: the output name}
+    pa.field("image_sha256", pa.string()),
     pa.field("status", pa.string(), nullable=False),       # "ok" | "failed" | "skipped"
     pa.field("error", pa.string()),
 ])
 
-BLOB_COLUMNS = {"bitstream", "png"}
+BLOB_COLUMNS = {"bitstream", "image.bytes", "sidecars"}
+
+
+def hf_features_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """Schema metadata declaring `image` an HF `Image` feature (the other columns as their
+    Arrow types), which is how `datasets` recognises an image column in a Parquet file."""
+    import json
+
+    feats = {}
+    for f in schema:
+        if f.name == "image":
+            feats[f.name] = {"_type": "Image"}
+        elif pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            feats[f.name] = {"dtype": "string", "_type": "Value"}
+        elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type):
+            t = str(f.type)
+            feats[f.name] = {"dtype": {"double": "float64", "float": "float32", "halffloat": "float16"}.get(t, t),
+                             "_type": "Value"}
+    return {b"huggingface": json.dumps({"info": {"features": feats}}).encode()}
 ROW_GROUP_BYTES = 32 << 20  # target bytes of blobs per row group
 
 
@@ -60,12 +95,13 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 def parquet_write_kwargs(table: pa.Table) -> dict:
     """`pyarrow.parquet.write_table` options: blobs uncompressed and without dictionary or
     statistics, small columns zstd; row groups sized so each holds ~ROW_GROUP_BYTES of data."""
-    names = table.column_names
+    names = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
+    leaves = [f"{f.name}.{c.name}" for f in table.schema if pa.types.is_struct(f.type) for c in f.type]
     small = [n for n in names if n not in BLOB_COLUMNS]
     rows = max(1, table.num_rows)
     row_bytes = max(1, table.nbytes // rows)
     return {
-        "compression": {n: ("NONE" if n in BLOB_COLUMNS else "ZSTD") for n in names},
+        "compression": {n: ("NONE" if n in BLOB_COLUMNS else "ZSTD") for n in names + leaves},
         "use_dictionary": small,
         "write_statistics": small,
         "row_group_size": max(1, ROW_GROUP_BYTES // row_bytes),

@@ -4,9 +4,11 @@ Inputs (local paths, s3://, gs://, globs; recognised by extension):
 * image files (.png .jpg .jpeg .webp .bmp .tif .tiff .gif .ppm .pgm .pnm): grouped `shard_size`
   at a time, in sorted key order; key = path relative to SRC;
 * WebDataset-style tar shards (.tar, .tar.gz, .tgz): one shard per tar; each image member is
-  one input, key = `<tar path>/<member name>`;
+  one input, key = `<tar path>/<member name>`; the other members of its WebDataset key
+  (`.json`, `.txt`, `.cls`, ...) travel with it byte for byte (`sidecars`);
 * Parquet files with an image-bytes column (binary, or a struct with a `bytes` field as in
-  Hugging Face datasets): one shard per file; key = `<file path>/<key column or row index>`.
+  Hugging Face datasets): one shard per file; key = `<file path>/<key column or row index>`;
+  every other column travels with its Arrow type (`--keep-columns` chooses).
 
 Shard ids are stable: the same listing gives the same ids, so a rerun finds its commits.
 Reading never decodes images: it returns the bytes (or why they could not be read), and the
@@ -158,7 +160,7 @@ def _read_one(fs, path: str) -> bytes:
 
 def read_shard(shard: Shard, opts: StorageOptions | None = None, only_keys: set[str] | None = None,
                image_column: str | None = None, chunk_rows: int = 32, chunk_bytes: int = 64 << 20,
-               threads: int = 8) -> Iterator[list[dict]]:
+               threads: int = 8, keep_columns: list[str] | None = None) -> Iterator[list[dict]]:
     """Yield the shard's inputs in chunks of rows {key, source_uri, data, read_error}.
 
     `data` is the source bytes (None when unreadable, with `read_error` saying why). A
@@ -167,7 +169,7 @@ def read_shard(shard: Shard, opts: StorageOptions | None = None, only_keys: set[
     """
     rows: list[dict] = []
     size = 0
-    for r in _iter_rows(shard, opts, only_keys, image_column, threads):
+    for r in _iter_rows(shard, opts, only_keys, image_column, threads, keep_columns):
         rows.append(r)
         size += len(r["data"] or b"")
         if len(rows) >= chunk_rows or size >= chunk_bytes:
@@ -177,7 +179,7 @@ def read_shard(shard: Shard, opts: StorageOptions | None = None, only_keys: set[
         yield rows
 
 
-def _iter_rows(shard: Shard, opts, only_keys, image_column, threads) -> Iterator[dict]:
+def _iter_rows(shard: Shard, opts, only_keys, image_column, threads, keep_columns=None) -> Iterator[dict]:
     if shard.kind == "files":
         pairs = [(k, u) for k, u in zip(shard.keys, shard.uris) if only_keys is None or k in only_keys]
         if not pairs:
@@ -196,28 +198,54 @@ def _iter_rows(shard: Shard, opts, only_keys, image_column, threads) -> Iterator
     elif shard.kind == "tar":
         yield from _iter_tar(shard.uris[0], shard.keys[0], opts, only_keys)
     elif shard.kind == "parquet":
-        yield from _iter_parquet(shard.uris[0], shard.keys[0], opts, only_keys, image_column)
+        yield from _iter_parquet(shard.uris[0], shard.keys[0], opts, only_keys, image_column, keep_columns)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
+def wds_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: ('dir/000001', 'json') for 'dir/000001.json' (the key
+    ends at the first dot of the last path component; the rest is the extension)."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
 def _iter_tar(url: str, prefix: str, opts, only_keys) -> Iterator[dict]:
+    """A WebDataset-style tar in one streaming pass: each image member is a row, carrying the
+    other members of its key (`.json`, `.txt`, `.cls`, ...) byte for byte as `sidecars`
+    (members of one key are consecutive, as WebDataset writes them)."""
     import tarfile
 
     fs, path = get_fs(url, opts)
     n = 0
+    group: list[tuple[str, bytes]] = []
+    current = None
+
+    def flush() -> Iterator[dict]:
+        nonlocal n
+        side = [(wds_key(nm)[1], data) for nm, data in group if kind_of(nm) != "files"]
+        for nm, data in group:
+            if kind_of(nm) != "files":
+                continue
+            key = f"{prefix}/{nm}"
+            if only_keys is not None and key not in only_keys:
+                continue
+            n += 1
+            yield {**_row(key, f"tar://{nm}::{url}", data), "sidecars": side}
+
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:  # streaming: one pass
             for m in tf:
-                if not m.isfile() or kind_of(m.name) != "files":
-                    continue  # WebDataset siblings (.json, .txt, .cls) travel with their images elsewhere
-                key = f"{prefix}/{m.name}"
-                if only_keys is not None and key not in only_keys:
+                if not m.isfile():
                     continue
+                k = wds_key(m.name)[0]
+                if k != current:
+                    yield from flush()
+                    group, current = [], k
                 member = tf.extractfile(m)
-                data = member.read() if member else b""
-                n += 1
-                yield _row(key, f"tar://{m.name}::{url}", data)
+                group.append((m.name, member.read() if member else b""))
+            yield from flush()
     except (tarfile.TarError, EOFError, OSError) as e:
         if only_keys is None or prefix in only_keys:
             yield _row(prefix, url, None, f"tar shard unreadable after {n} members ({type(e).__name__}: {e})")
@@ -243,7 +271,20 @@ def _pick_column(schema, wanted: str | None, names: tuple[str, ...], binary: boo
     return cands[0] if len(cands) == 1 else None
 
 
-def _iter_parquet(url: str, prefix: str, opts, only_keys, image_column) -> Iterator[dict]:
+def carried_columns(schema, image_column: str, keep: list[str] | None = None) -> list[str]:
+    """The non-image columns of a Parquet input that travel with its rows (all, or `keep`)."""
+    names = [n for n in schema.names if n != image_column]
+    if keep is not None:
+        missing = sorted(set(keep) - set(names))
+        if missing:
+            raise ValueError(f"--keep-columns {missing} not found; the file has {schema.names}")
+        names = [n for n in names if n in keep]
+    return names
+
+
+def _iter_parquet(url: str, prefix: str, opts, only_keys, image_column, keep_columns=None) -> Iterator[dict]:
+    """Rows of a Parquet input: the image bytes, plus every other column (`--keep-columns`) as
+    `extra`, with the columns' Arrow types in `extra_schema`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -266,17 +307,26 @@ def _iter_parquet(url: str, prefix: str, opts, only_keys, image_column) -> Itera
                 yield _row(prefix, url, None, str(e))
             return
         keycol = _pick_column(schema, None, KEY_COLUMNS, binary=False)
-        cols = [img] + ([keycol] if keycol else [])
+        try:
+            extra = carried_columns(schema, img, keep_columns)
+        except ValueError as e:
+            if only_keys is None or prefix in only_keys:
+                yield _row(prefix, url, None, str(e))
+            return
+        extra_schema = pa.schema([schema.field(c) for c in extra])
+        cols = [img] + [c for c in [keycol] if c and c not in extra] + extra
         i = 0
         for batch in pf.iter_batches(batch_size=64, columns=cols):
-            arr = batch.column(0)
+            arr = batch.column(img)
             if pa.types.is_struct(arr.type):
                 arr = arr.field("bytes")
             datas = arr.to_pylist()
-            names = batch.column(1).to_pylist() if keycol else [None] * len(datas)
-            for data, name in zip(datas, names):
+            names = batch.column(keycol).to_pylist() if keycol else [None] * len(datas)
+            carried = batch.select(extra).to_pylist() if extra else [{}] * len(datas)
+            for data, name, ex in zip(datas, names, carried):
                 key = f"{prefix}/{name}" if name is not None else f"{prefix}/{i:08d}"
                 if only_keys is None or key in only_keys:
-                    yield _row(key, f"{url}#row={i}", data,
-                               None if data is not None else f"row {i} has a null '{img}' value")
+                    yield {**_row(key, f"{url}#row={i}", data,
+                                  None if data is not None else f"row {i} has a null '{img}' value"),
+                           "extra": ex, "extra_schema": extra_schema}
                 i += 1

@@ -25,12 +25,14 @@ import pyarrow.parquet as pq
 from . import layout as L
 from .actors import DecodeActor, EncodeActor, worker_id
 from .rows import error_class, finish_decoded, one_line
-from .schema import BITSTREAM_SCHEMA, DECODED_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, parquet_write_kwargs
+from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED,
+                     carried_name, hf_features_metadata, parquet_write_kwargs)
 from .sources import Shard, read_shard
-from .storage import StorageOptions, get_fs, join, write_parquet_atomic
+from .storage import StorageOptions, get_fs, join, write_atomic, write_parquet_atomic
 from .transform import decode_source
 
 BITSTREAM_READ_COLUMNS = ["key", "bitstream", "bitstream_sha256", "width", "height", "status", "error"]
+PART_SCHEMA = pa.schema(list(BITSTREAM_SCHEMA) + [SIDECARS_FIELD])  # every layout-2 part; Parquet inputs add their columns
 PREFETCH_CHUNKS = 2  # chunks read and decoded ahead of the model
 
 
@@ -116,10 +118,12 @@ class ShardEncoder:
     """compress: a shard's sources -> `part-<shard>.parquet` of bitstream rows + its record."""
 
     def __init__(self, spec, dst: str, opts: StorageOptions | None = None, image_column: str | None = None,
-                 run_id: str | None = None, progress=None, io_threads: int = 4) -> None:
+                 run_id: str | None = None, progress=None, io_threads: int = 4,
+                 keep_columns: list[str] | None = None) -> None:
         self.engine = EncodeActor(spec)
         self.fs, self.root = get_fs(dst, opts)
         self.opts, self.image_column, self.run_id, self.progress = opts, image_column, run_id, progress
+        self.keep_columns = keep_columns
         self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="fcodec-io")
         self.writer = worker_id()
         self.max_pixels = getattr(getattr(self.engine.codec, "config", None), "max_pixels", None)
@@ -143,18 +147,36 @@ class ShardEncoder:
             shard = Shard(item["shard"], item["kind"], (item["container"][1],), (item["container"][0],))
         only = set(item["only_keys"]) if item.get("only_keys") is not None else None
         parts = [self._carried(item["carry"])] if item.get("carry") else []
-        chunks = read_shard(shard, self.opts, only_keys=only, image_column=self.image_column) if (enc or item["kind"] != "files") else []
+        chunks = (read_shard(shard, self.opts, only_keys=only, image_column=self.image_column,
+                             keep_columns=self.keep_columns) if (enc or item["kind"] != "files") else [])
         for rows in prefetch(iter(chunks), self._decode):
             out = self.engine.encode_rows(rows)
-            parts.append(pa.Table.from_pylist(out, schema=BITSTREAM_SCHEMA))
+            parts.append(self._with_carried_columns(rows, out))
             _report(self.progress, len(out))
-        table = pa.concat_tables(parts).sort_by("key") if parts else BITSTREAM_SCHEMA.empty_table()
+        table = (pa.concat_tables(parts, promote_options="permissive").sort_by("key") if parts
+                 else PART_SCHEMA.empty_table())
         return self._finish(item, table)
+
+    @staticmethod
+    def _with_carried_columns(rows: list[dict], out: list[dict]) -> pa.Table:
+        """Bitstream rows plus what travels with each input: its WebDataset sidecars, and a
+        Parquet input's other columns (with their Arrow types; renamed where they would clash)."""
+        schema = PART_SCHEMA
+        extra = next((r["extra_schema"] for r in rows if r.get("extra_schema") is not None), None)
+        for o, r in zip(out, rows):
+            o["sidecars"] = r.get("sidecars")
+            for k, v in (r.get("extra") or {}).items():
+                o[carried_name(k)] = v
+        if extra is not None:
+            schema = pa.schema(list(schema) + [f.with_name(carried_name(f.name)) for f in extra])
+        return pa.Table.from_pylist(out, schema=schema)
 
     def _carried(self, carry: dict) -> pa.Table:
         """Rows of an old part this shard keeps (all but those it re-encodes or drops)."""
         with self.fs.open(join(self.root, carry["file"]), "rb") as f:
-            t = pq.read_table(f).select(BITSTREAM_SCHEMA.names).cast(BITSTREAM_SCHEMA)
+            t = pq.read_table(f).replace_schema_metadata(None)
+        if SIDECARS_FIELD.name not in t.column_names:  # a layout-1 part
+            t = t.append_column(SIDECARS_FIELD, pa.nulls(t.num_rows, SIDECARS_FIELD.type))
         drop = carry.get("drop_keys") or []
         return t.filter(pc.invert(pc.is_in(t.column("key"), value_set=pa.array(drop, pa.string())))) if drop else t
 
@@ -185,17 +207,25 @@ class ShardEncoder:
         return rec
 
 
-class ShardDecoder:
-    """decompress: one bitstream part -> PNG files under DST (or a Parquet part of PNG bytes)."""
+OUTPUT_FORMATS = ("files", "webdataset", "parquet")
 
-    def __init__(self, spec, dst: str, fmt: str = "png", opts: StorageOptions | None = None, run_id: str | None = None,
-                 progress=None, expect_fingerprint: str | None = None, io_threads: int = 4, chunk_rows: int = 32) -> None:
+
+class ShardDecoder:
+    """decompress: one bitstream part -> image files under DST, a WebDataset tar shard
+    (`<shard>.tar`: `<key>.<image-format>` + the key's sidecars), or a Parquet part whose `image`
+    column Hugging Face `datasets` reads as an Image feature (+ the carried columns)."""
+
+    def __init__(self, spec, dst: str, fmt: str = "files", opts: StorageOptions | None = None, run_id: str | None = None,
+                 progress=None, expect_fingerprint: str | None = None, io_threads: int = 4, chunk_rows: int = 32,
+                 image_format: str = "png") -> None:
         self.engine = DecodeActor(spec, emit_pixels=True)
         if expect_fingerprint and self.engine.fingerprint != expect_fingerprint:
             raise ValueError(f"the codec options build a codec with fingerprint {self.engine.fingerprint}, but the "
                              f"dataset was written by {expect_fingerprint}: pass the options it was compressed with")
         self.fs, self.root = get_fs(dst, opts)
-        self.fmt, self.opts, self.run_id, self.progress, self.chunk_rows = fmt, opts, run_id, progress, chunk_rows
+        self.fmt = "files" if fmt == "png" else fmt
+        self.opts, self.run_id, self.progress, self.chunk_rows = opts, run_id, progress, chunk_rows
+        self.image_format = image_format
         self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="fcodec-io")
         self.writer = worker_id()
 
@@ -203,36 +233,64 @@ class ShardDecoder:
         items = batch["work"].to_pylist() if isinstance(batch, pa.Table) else list(batch["work"])
         return {"record": [json.dumps(self.run(json.loads(w)).to_dict()) for w in items]}
 
-    def _chunks(self, item: dict) -> Iterator[list[dict]]:
+    def _chunks(self, item: dict) -> Iterator[tuple[list[dict], pa.Schema]]:
         only = set(item["only_keys"]) if item.get("only_keys") is not None else None
         fs, path = get_fs(item["url"], self.opts)
         with fs.open(path, "rb") as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.chunk_rows, columns=BITSTREAM_READ_COLUMNS):
-                rows = rb.to_pylist()
-                rows = [r for r in rows if only is None or r["key"] in only]
+            pf = pq.ParquetFile(f)
+            carried = [n for n in pf.schema_arrow.names if n not in BITSTREAM_SCHEMA.names]
+            extra = pa.schema([pf.schema_arrow.field(n) for n in carried])
+            for rb in pf.iter_batches(batch_size=self.chunk_rows, columns=BITSTREAM_READ_COLUMNS + carried):
+                rows = [r for r in rb.to_pylist() if only is None or r["key"] in only]
                 if rows:
-                    yield rows
+                    yield rows, extra
+
+    def _name(self, key: str) -> str:
+        """The output name of a key: its image file, or its tar member."""
+        from .rows import output_key
+        from .sources import wds_key
+
+        if self.fmt == "webdataset":
+            output_key(key)  # refuses unsafe keys
+            base = wds_key(key)[0] if "." in key.rsplit("/", 1)[-1] else key
+            return f"{base}.{self.image_format}"
+        return output_key(key, self.image_format)
 
     def _finish_row(self, r: dict) -> dict:
-        dest = r.pop("_dest", None)
         px = r.pop("pixels", None)
         h, w, gray = r.pop("px_h", None), r.pop("px_w", None), bool(r.pop("gray", False))
+        dest = r.pop("_dest", None)
         if px is None:
             return r
         import numpy as np
 
         arr = np.frombuffer(px, dtype=np.uint8).reshape(int(h), int(w), 3)
-        fs = self.fs if self.fmt == "png" else None
-        return finish_decoded(r, arr, gray, dest, fs, self.root)
+        fs = self.fs if self.fmt == "files" else None
+        return finish_decoded(r, arr, gray, dest, fs, self.root, self.image_format)
 
     def run(self, item: dict) -> L.CommitRecord:
-        out, in_bytes = [], 0
-        for rows in self._chunks(item):
+        out, in_bytes, extra, taken = [], 0, pa.schema([]), {}
+        for rows, extra in self._chunks(item):
             decoded = self.engine.decode_rows(rows)
+            for r, d in zip(rows, decoded):
+                for k, v in r.items():  # what travels with the image
+                    if k not in BITSTREAM_SCHEMA.names:
+                        d[k] = v
+                if d.get("status") in (STATUS_FAILED, STATUS_SKIPPED) or "pixels" not in d:
+                    continue
+                name = self._name(d["key"])
+                if name in taken:  # two keys, one output name: never overwrite
+                    d.update(status=STATUS_FAILED, error=f"output name {name} collides with key {taken[name]}")
+                    for c in ("pixels", "px_h", "px_w", "gray", "_dest"):
+                        d.pop(c, None)
+                    continue
+                taken[name] = d["key"]
+                d["_dest"] = name
             in_bytes += sum(len(r.get("bitstream") or b"") for r in rows)
             out.extend(self.pool.map(self._finish_row, decoded))
             _report(self.progress, len(rows))
-        table = pa.Table.from_pylist(out, schema=DECODED_SCHEMA) if out else DECODED_SCHEMA.empty_table()
+        schema = pa.schema(list(DECODED_SCHEMA) + list(extra))
+        table = pa.Table.from_pylist(out, schema=schema) if out else schema.empty_table()
         st = stats_of(table)
         rec = L.CommitRecord(shard=item["shard"], file=None, kind=self.fmt, run_id=self.run_id, writer=self.writer,
                              committed_at=now(), source_file=item.get("source_file"), input_bytes=in_bytes,
@@ -241,8 +299,29 @@ class ShardDecoder:
                              output_bytes=sum(int(r.get("_out_bytes") or 0) for r in out), **st)
         if self.fmt == "parquet" and table.num_rows:
             rec.file = L.part_name(item["shard"])
+            table = table.replace_schema_metadata(hf_features_metadata(table.schema))
             write_part(self.fs, self.root, table.sort_by("key"), rec)
+        elif self.fmt == "webdataset" and st["ok"]:
+            rec.file = f"{item['shard']}.tar"
+            write_atomic(self.fs, join(self.root, rec.file), self._tar(out))
         return rec
+
+    def _tar(self, rows: list[dict]) -> bytes:
+        """A deterministic WebDataset shard: per ok key, its image and its sidecars (sorted)."""
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for r in sorted((r for r in rows if r.get("status") == STATUS_OK), key=lambda r: r["key"]):
+                name = r["image"]["path"]
+                base = name[: -len(self.image_format) - 1]
+                members = [(name, r["image"]["bytes"])] + sorted((f"{base}.{ext}", data) for ext, data in r.get("sidecars") or [])
+                for mname, data in members:
+                    info = tarfile.TarInfo(mname)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
 
 
 def describe_failure(e: BaseException) -> str:

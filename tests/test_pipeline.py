@@ -255,7 +255,7 @@ def test_decompress_inline_and_on_ray_write_the_same_files(tmp_path, ray_local):
     par = decompress(JobConfig(src=str(dst), dst=str(tmp_path / "par"), format="parquet"), use_ray=False, progress=False,
                      echo=lambda s: None)
     t = read_dataset(str(tmp_path / "par"))
-    pngs = {r["key"]: r["png"] for r in t.to_pylist() if r["status"] == "ok"}
+    pngs = {r["key"]: r["image"]["bytes"] for r in t.to_pylist() if r["status"] == "ok"}
     assert par["run"]["ok"] == len(good) and pngs == {
         k: files["inline"][k if k.endswith(".png") else k + ".png"] for k in good}
 
@@ -311,7 +311,7 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     import pandas as pd
 
     df = pd.read_parquet(dst)  # plain readers see only complete part files (not __fcodec__/)
-    assert len(df) == 13 and list(df.columns) == BITSTREAM_SCHEMA.names
+    assert len(df) == 13 and list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars"]
 
     # A rerun has nothing to do.
     r4 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
@@ -387,7 +387,7 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
     assert int(writer.split(":")[2]) != os.getpid() and res["run"]["workers"][writer]["shards"] == res["run"]["shards"] > 1
 
     df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
-    assert list(df.columns) == BITSTREAM_SCHEMA.names and len(df) == len(expected) + len(bad)
+    assert list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars"] and len(df) == len(expected) + len(bad)
     assert df["key"].is_unique and set(df.loc[df.status == "failed", "key"]) == set(bad)
     assert df.loc[df.status == "ok", "error"].isna().all()
     first = sorted(r.file for r in Books(fs, dst[5:]).read().shards.values())[0]
@@ -419,7 +419,7 @@ def test_decompress_to_parquet_inline(tmp_path):
     t = pq.read_table(next(out.glob("part-*.parquet")))
     assert sorted(t.column("key").to_pylist()) == sorted(good)
     for r in t.to_pylist():
-        px = np.asarray(Image.open(io.BytesIO(r["png"])))
+        px = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"])))
         assert px.shape[:2] == good[r["key"]] and r["status"] == "ok"
 
 
