@@ -286,11 +286,11 @@ def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts:
     from ray.util import ActorPool
 
     from .report import summarize
+    from .run import init_ray
 
     parts = dataset_parts(bitstreams, opts)
     orig_map = list_originals(originals, opts)
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(ray_address)  # local unless an address is given; an already connected Ray is kept
     Remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AuditWorker)
     cfg_d, orig_ref = asdict(cfg), ray.put(orig_map)
     actors = [Remote.remote(cfg_d, orig_ref, opts) for _ in range(max(1, min(workers, len(parts))))]

@@ -65,6 +65,22 @@ def test_random_crop_pads_small_inputs():
     assert torch.equal(c[:, 3], c[:, 2])  # the missing row is the replicated edge
 
 
+def test_train_cli_counts_train_steps_and_warns_on_the_old_spelling(capsys):
+    """`--steps` means DDIM steps in every other job: train's optimizer steps are --train-steps;
+    the old spelling still works, hidden, with a one-line warning."""
+    from jobs.cli import build_parser, main
+
+    args = build_parser().parse_args(["train", "data", "out", "--train-steps", "7"])
+    assert args.train_steps == 7 and args.deprecated_steps is None
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "--train-steps" in shown and "--steps" not in shown
+    assert main(["train", "", "out", "--steps", "3"]) != 0  # no DATA: fails after the warning
+    err = capsys.readouterr().err
+    assert "`fcodec train --steps` is deprecated, use --train-steps" in err and "give training images" in err
+
+
 # ---------------------------------------------------------------- Ray Train
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
