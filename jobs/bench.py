@@ -33,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.samples import sample_image, write_samples
-    from pipeline.bench import BenchConfig, run_bench, write_report
+    from pipeline.bench import BenchConfig, run_bench
+    from pipeline.bench_report import write_report
 
     shared = Path(args.shared) if args.shared else Path(__file__).resolve().parents[2] / "shared"
     cfg = BenchConfig(backbone=args.backbone, images=args.images, size=args.size, t=args.t, steps=args.steps,

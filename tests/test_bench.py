@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pipeline.bench import to_markdown
+from pipeline.bench_report import to_markdown
 
 
 def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
