@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -238,7 +239,8 @@ def _storage_kwargs(storage: str, opts: StorageOptions | None) -> dict:
     return {"storage_path": path, "storage_filesystem": arrow_fs(fs)}
 
 
-def train(job: TrainJob, opts: StorageOptions | None = None, on_step=None) -> TrainResult:
+def train(job: TrainJob, opts: StorageOptions | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run (or resume) training and export the result to `job.out`.
 
     Runs on the Ray cluster this process is connected to, else on a new local one (never one
