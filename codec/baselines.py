@@ -22,6 +22,7 @@ from .model import CodecConfig, CodecError, Encoded
 PILLOW_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 # quality sweeps used by `fcodec compare` when none is given (low to high rate)
 DEFAULT_QUALITIES = {"jpeg": [10, 25, 50, 75, 90], "webp": [10, 25, 50, 75, 90], "avif": [10, 25, 50, 70, 85]}
+DEFAULT_COMPRESSAI_QUALITIES = [1, 2, 3, 4, 5, 6]  # CompressAI zoo quality indices, any compressai:ARCH
 
 
 class Family:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from .denoise import denoise
 from .entropy import ENTROPY_IDS, ENTROPY_MODELS, Payload
 from .estimator import ParameterEstimator
 from .images import DEFAULT_MAX_PIXELS, LoadedImage
+from .metrics import psnr  # noqa: F401  (one PSNR: codec.psnr is codec.metrics.psnr)
 from .noise import step_size
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -376,6 +376,31 @@ class DiffusionCodec:
             config.lam = float(cfg["lam"])
         return cls(backbone, ent, est, config)
 
+    # ------------------------------------------------------------------ public stages
+    # Thin public names for encode's and decode's stages, so tools (codec.profiling) can time
+    # them one by one without reaching for private helpers. `encode`/`decode` are unchanged.
+    def to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 (H, W, 3) images of one size -> the VAE's input: (B, 3, ph, pw) in [-1, 1],
+        edge-padded to the backbone's multiple, as `encode` builds it."""
+        m = self.backbone.pad_multiple
+        h, w = images[0].shape[:2]
+        ph, pw = -(-h // m) * m, -(-w // m) * m
+        return torch.stack([_to_tensor(np.asarray(im), ph, pw) for im in images])
+
+    def gamma(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """γ = (shift, scale) of one latent (C, h, w) as stored (float16), and the estimator's t (None untrained)."""
+        return self._gamma(z)
+
+    def encode_at(self, z: torch.Tensor, image, t: int, shift: np.ndarray, scale: np.ndarray) -> Encoded:
+        """One latent at a given t and γ -> its record: quantize, entropy code and pack."""
+        item = image if isinstance(image, LoadedImage) else LoadedImage(np.asarray(image))
+        return self._encode_at(z, item, t, shift, scale)
+
+    @staticmethod
+    def to_pixels(img: torch.Tensor) -> np.ndarray:
+        """A decoded (3, H, W) tensor in [-1, 1] -> uint8 (H, W, 3), rounded as `decode` does."""
+        return _to_uint8(img)
+
 
 class _Inline:
     """The executor interface, run on the calling thread (overlap_entropy=False)."""
@@ -409,9 +434,3 @@ def _to_tensor(px: np.ndarray, ph: int, pw: int) -> torch.Tensor:
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """8-bit PSNR in dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

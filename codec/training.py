@@ -32,8 +32,11 @@ VAE_FACTOR = 8  # pixels per latent cell along each axis (SD's VAE and TAESD)
 
 
 @dataclass
-class TrainConfig:
-    """What to train and how; plain data (it travels to Ray workers and into checkpoints)."""
+class CodecTrainConfig:
+    """What to train and how; plain data (it travels to Ray workers and into checkpoints).
+
+    Not to be confused with `codec.nano.BackboneTrainConfig`, which trains the backbone itself.
+    """
 
     lam_min: float = 0.1  # λ range, sampled log-uniformly per batch
     lam_max: float = 10.0
@@ -57,7 +60,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> "CodecTrainConfig":
         d = dict(d)
         if "t_range" in d:
             d["t_range"] = tuple(d["t_range"])
@@ -71,7 +74,7 @@ class RateDistortion(nn.Module):
     `state_dict()`, and not synchronised by DDP.
     """
 
-    def __init__(self, backbone, config: TrainConfig, entropy: HyperpriorEntropyModel | None = None,
+    def __init__(self, backbone, config: CodecTrainConfig, entropy: HyperpriorEntropyModel | None = None,
                  estimator: ParameterEstimator | None = None) -> None:
         super().__init__()
         self.config = config
@@ -158,7 +161,7 @@ def decode_with_grad(backbone, z: torch.Tensor) -> torch.Tensor:
     return backbone.vae.decode(z / backbone.scaling_factor)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: CodecTrainConfig) -> torch.optim.Optimizer:
     """Adam; the bottleneck's quantiles get their own (larger) step, as CompressAI's aux optimizer."""
     quant = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     main = [p for n, p in model.named_parameters() if not n.endswith("quantiles") and p.requires_grad]
@@ -208,17 +211,6 @@ def fit_quantiles(entropy: HyperpriorEntropyModel, steps: int = 2000, lr: float 
         loss.backward()
         opt.step()
     return loss.item()
-
-
-def random_crop(z: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random size×size crop of a (C,h,w) tensor, edge-padded first when it is smaller."""
-    c, h, w = z.shape
-    if h < size or w < size:
-        z = F.pad(z[None], (0, max(0, size - w), 0, max(0, size - h)), mode="replicate")[0]
-        h, w = z.shape[-2:]
-    i = int(torch.randint(0, h - size + 1, (), generator=generator))
-    j = int(torch.randint(0, w - size + 1, (), generator=generator))
-    return z[:, i : i + size, j : j + size]
 
 
 def export_codec(backbone, model: RateDistortion, lam: float = 1.0, quantile_steps: int = 2000):

@@ -2,6 +2,7 @@
 
 Running the same command again (same OUT / --storage-path and --name) resumes from the latest
 checkpoint. OUT receives `codec_config.json` + safetensors for `--codec-weights OUT`.
+`--train-steps` counts optimizer steps (`--steps` means DDIM steps in every other job).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="t range for --no-estimator (default 1 400)")
     g.add_argument("--no-denoise", action="store_true", help="measure distortion on ẑ instead of the one-step x̂₀")
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 10%% over --steps (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 10%% over --train-steps (default: %(default)s)")
     r = p.add_argument_group("run")
-    r.add_argument("--steps", type=int, default=1000, help="optimiser steps per worker (default: %(default)s)")
+    r.add_argument("--train-steps", type=int, default=1000, help="optimizer steps per worker (default: %(default)s)")
+    # The old spelling, hidden: `--steps` means DDIM steps everywhere else.
+    r.add_argument("--steps", type=int, default=None, dest="deprecated_steps", help=argparse.SUPPRESS)
     r.add_argument("--batch-size", type=int, default=8, help="crops per worker and step (default: %(default)s)")
     r.add_argument("--crop", type=int, default=256, help="random crop size in pixels, multiple of 8 (default: %(default)s)")
     r.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
@@ -41,35 +44,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, default=2, help="worker failures retried from the last checkpoint (default: %(default)s)")
     r.add_argument("--latent-cache", default=None, metavar="URL", help="train from this latent cache (Parquet) instead of images")
     r.add_argument("--build-cache", action="store_true", help="first encode DATA once with the VAE into --latent-cache")
-    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the running one; default: start a local one)")
     r.add_argument("--seed", type=int, default=0)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
+    import sys
 
     from codec import default_backbone
-    from codec.training import TrainConfig
+    from codec.training import CodecTrainConfig
+    from pipeline.run import init_ray
     from pipeline.train import TrainJob, build_latent_cache, train
+
+    if args.deprecated_steps is not None:
+        print("warning: `fcodec train --steps` is deprecated, use --train-steps (optimizer steps)", file=sys.stderr)
+        args.train_steps = args.deprecated_steps
 
     backbone = args.backbone or default_backbone()
     if args.build_cache and not args.latent_cache:
         raise ValueError("--build-cache needs --latent-cache URL (where to write the latents)")
     if not args.data and not args.latent_cache:
         raise ValueError("give training images (DATA) or --latent-cache URL")
-    ray.init(address=args.ray_address)  # None: RAY_ADDRESS, else a local cluster
+    init_ray(args.ray_address)  # None: a local cluster, never one joined by accident
     if args.build_cache:
         n = build_latent_cache(args.data, args.latent_cache, backbone, args.vae, num_actors=args.workers, use_gpu=args.gpu)
         print(f"latent cache: {n} images -> {args.latent_cache}")
-    cfg = TrainConfig(distortion=args.distortion, lam_min=args.lam_min, lam_max=args.lam_max,
+    cfg = CodecTrainConfig(distortion=args.distortion, lam_min=args.lam_min, lam_max=args.lam_max,
                       train_estimator=not args.no_estimator, denoise=not args.no_denoise, lr=args.lr,
-                      decay_steps=args.steps)
+                      decay_steps=args.train_steps)
     if args.t_range:
         cfg.t_range = tuple(args.t_range)
     job = TrainJob(data=args.data, out=args.out, backbone=backbone, vae=args.vae, latent_cache=args.latent_cache,
                    num_workers=args.workers, use_gpu=args.gpu, storage_path=args.storage_path, name=args.name,
-                   steps=args.steps, batch_size=args.batch_size, crop=args.crop, checkpoint_every=args.checkpoint_every,
+                   train_steps=args.train_steps, batch_size=args.batch_size, crop=args.crop, checkpoint_every=args.checkpoint_every,
                    log_every=args.log_every, max_failures=args.max_failures, seed=args.seed, train=cfg.to_dict())
     res = train(job)
     last = res.history[-1] if res.history else {}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from codec.nano import TrainConfig
+    from codec.nano import BackboneTrainConfig  # torch-free: --help stays fast
 
-    d = TrainConfig()
+    d = BackboneTrainConfig()
     p = sub.add_parser("train-backbone", help="train the small 'nano' VAE + UNet backbone on a CPU",
                        description="Train the nano backbone: the VAE on random crops of --data, then the UNet "
                                    "on its latents for t in [1, --t-max], with a fixed seed.")
@@ -47,10 +47,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from codec.nano import TrainConfig, evaluate, load_folder, train_backbone
+    from codec.nano import BackboneTrainConfig
+    from codec.pixels import load_folder
+    from codec.train_backbone import train_backbone
 
     torch.set_num_threads(max(1, args.threads))
-    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_crop=args.vae_crop,
+    cfg = BackboneTrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_crop=args.vae_crop,
                       unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_crop=args.unet_crop,
                       t_max=args.t_max, prediction_type=args.prediction_type, small=args.small,
                       log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at)
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.eval:
         from codec import load_backbone
+        from codec.evaluate import evaluate
 
         res = evaluate(load_backbone(str(out)), load_folder(args.eval))
         (Path(out) / "metrics.json").write_text(json.dumps(res, indent=2))

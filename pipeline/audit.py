@@ -9,7 +9,8 @@ statistics, merges them (sums and outer products; never all features in one plac
 FID/KID. Failed rows (compression failed, original missing or changed, undecodable) are rows
 with status 'failed' and a one-line error; they never stop the audit.
 
-`AuditWorker` is a plain class (tests and `fcodec compare` use it without Ray).
+`AuditWorker` is a plain class (tests use it without Ray); `Measurer.measure` is the per-image
+step `fcodec compare` (pipeline/compare.py) shares with it.
 """
 from __future__ import annotations
 
@@ -115,8 +116,22 @@ class Measurer:
             stats.add(f, key=key)
         return len(f)
 
+    def measure(self, row: dict, orig: np.ndarray, dec, real=None, fake=None) -> None:
+        """Fill `row` with one image's metrics and status, or its failure when `dec` is an exception
+        (or measuring raises); fold the original's patch features into `real` and the decode's
+        into `fake` (either may be None) and record the decode's patch count."""
+        try:
+            if isinstance(dec, BaseException):
+                raise dec
+            row.update(self.metrics(orig, dec), status=STATUS_OK, error=None)
+            self.add_features(real, row["key"], orig)
+            row["n_patches"] = self.add_features(fake, row["key"], dec[: orig.shape[0], : orig.shape[1]])
+        except Exception as e:
+            row.update(status=STATUS_FAILED, error=f"decoding failed: {one_line(e)}")
 
-def _line(e: BaseException) -> str:
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: 'Type: first line of the message'."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
@@ -161,7 +176,7 @@ class AuditWorker:
                 fs, path = get_fs(url, self.opts)
                 data = read_bytes(fs, path)
         except Exception as e:
-            raise FileNotFoundError(f"original of '{row['key']}' not readable at {url} ({_line(e)})") from None
+            raise FileNotFoundError(f"original of '{row['key']}' not readable at {url} ({one_line(e)})") from None
         if row.get("source_sha256") and hashlib.sha256(data).hexdigest() != row["source_sha256"]:
             raise ValueError(f"original at {url} differs from the one compressed (source_sha256 mismatch)")
         px = load_image(data).pixels
@@ -194,18 +209,10 @@ class AuditWorker:
                     raise ValueError("bitstream_sha256 does not match the stored bitstream (corrupt dataset)")
                 todo.append((base, self._original(r), r["bitstream"]))
             except Exception as e:
-                base.update(status=STATUS_FAILED, error=_line(e))
+                base.update(status=STATUS_FAILED, error=one_line(e))
         decoded = self.codec.decode([b for _, _, b in todo], errors="return") if todo else []
         for (base, orig, _), dec in zip(todo, decoded):
-            try:
-                if isinstance(dec, BaseException):
-                    raise dec
-                base.update(self.m.metrics(orig, dec), status=STATUS_OK, error=None)
-                n = self.m.add_features(self.real, base["key"], orig)
-                self.m.add_features(self.fake, base["key"], dec[: orig.shape[0], : orig.shape[1]])
-                base["n_patches"] = n
-            except Exception as e:
-                base.update(status=STATUS_FAILED, error=f"decoding failed: {_line(e)}")
+            self.m.measure(base, orig, dec, self.real, self.fake)
         return out
 
     def pairs(self, url: str, keys: list[str]) -> list[dict]:
@@ -279,11 +286,11 @@ def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts:
     from ray.util import ActorPool
 
     from .report import summarize
+    from .run import init_ray
 
     parts = dataset_parts(bitstreams, opts)
     orig_map = list_originals(originals, opts)
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(ray_address)  # local unless an address is given; an already connected Ray is kept
     Remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AuditWorker)
     cfg_d, orig_ref = asdict(cfg), ray.put(orig_map)
     actors = [Remote.remote(cfg_d, orig_ref, opts) for _ in range(max(1, min(workers, len(parts))))]

@@ -9,6 +9,8 @@ What runs where:
   `world_size`-th input), and runs `codec.training.train_step` on random crops; DDP averages
   the gradients; rank 0 reports metrics every `log_every` steps and a checkpoint every
   `checkpoint_every` steps;
+* hook: `train(job, on_step=fn)` calls fn(step, metrics) on every worker after each step;
+  an exception it raises fails that worker like any other error (tests inject faults this way);
 * resume: a run started again with the same `storage_path` and `name` restores the latest
   checkpoint (Ray Train v2 semantics) and continues from its step, optimizer and RNG state;
   worker failures are retried up to `max_failures` times from that checkpoint too;
@@ -26,9 +28,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .run import init_ray
 from .sources import list_inputs, plan_shards, read_shard
 from .storage import StorageOptions, get_fs, is_local
 
@@ -48,7 +52,7 @@ class TrainJob:
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train checkpoints (local or s3://); default OUT/checkpoints
     name: str = "fcodec-train"
-    steps: int = 1000
+    train_steps: int = 1000  # optimizer steps per worker (`fcodec train --train-steps`)
     batch_size: int = 8
     crop: int = 256  # pixels (a multiple of 8); latent crops are crop/8
     checkpoint_every: int = 100
@@ -56,8 +60,7 @@ class TrainJob:
     max_failures: int = 0
     seed: int = 0
     threads_per_worker: int = 1
-    train: dict = field(default_factory=dict)  # codec.training.TrainConfig fields
-    fail_at_step: int | None = None  # fault injection for tests: raise once this step is reached
+    train: dict = field(default_factory=dict)  # codec.training.CodecTrainConfig fields
 
     def resolved_storage(self) -> str:
         if self.storage_path:
@@ -139,39 +142,39 @@ class _Batches:
         import torch
 
         from codec import load_image
-        from codec.training import encode_latents, random_crop
+        from codec.pixels import random_crop, to_unit
+        from codec.training import encode_latents
 
         n = len(self)
         idx = torch.randint(0, n, (self.job.batch_size,), generator=self.g).tolist()
         if self.latents is not None:
             z = torch.stack([random_crop(self.latents[i], self.job.crop // 8, self.g) for i in idx])
             return z, None
-        crops = []
-        for i in idx:
-            px = torch.from_numpy(load_image(self.images[i]).pixels.copy()).permute(2, 0, 1)
-            crops.append(random_crop(px, self.job.crop, self.g))
-        x = torch.stack(crops).float().div(127.5).sub(1.0)
+        x = torch.stack([random_crop(to_unit(load_image(self.images[i]).pixels), self.job.crop, self.g) for i in idx])
         return encode_latents(self.backbone, x), x
 
 
 # ---------------------------------------------------------------- worker
 def train_loop(config: dict) -> None:
-    """The per-worker training function (Ray Train calls it on every worker)."""
+    """The per-worker training function (Ray Train calls it on every worker).
+
+    `config` is {"job": TrainJob fields, "on_step": None or fn(step, metrics)} (see `train`).
+    """
     import ray.train
     import torch
     import ray.train.torch as rt
 
     from codec import load_backbone
-    from codec.training import RateDistortion, TrainConfig, make_optimizer, train_step
+    from codec.training import CodecTrainConfig, RateDistortion, make_optimizer, train_step
 
-    job = TrainJob(**config)
+    job, on_step = TrainJob(**config["job"]), config.get("on_step")
     torch.set_num_threads(max(1, job.threads_per_worker))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = rt.get_device()
     backbone = load_backbone(job.backbone, job.vae)
     backbone.to(device)
-    model = RateDistortion(backbone, TrainConfig.from_dict(job.train))
+    model = RateDistortion(backbone, CodecTrainConfig.from_dict(job.train))
     opt = make_optimizer(model, model.config)
     g = torch.Generator().manual_seed(job.seed * 1000 + rank)
     step, history, resumes = 0, [], []
@@ -192,19 +195,19 @@ def train_loop(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     data = _Batches(backbone, job, rank, world, g, StorageOptions.from_env())
     t0 = time.time()
-    while step < job.steps:
+    while step < job.train_steps:
         z, x = data.next()
         m = train_step(model, opt, z.to(device), images=None if x is None else x.to(device), generator=g, step=step)
         step += 1
         m["step"] = step
         history.append(m)
-        if job.fail_at_step is not None and step >= job.fail_at_step:
-            raise RuntimeError(f"fault injected at step {step} (fail_at_step)")
-        last = step == job.steps
+        if on_step is not None:
+            on_step(step, m)
+        last = step == job.train_steps
         if step % job.log_every and step % job.checkpoint_every and not last:
             continue
         if rank == 0:
-            print(f"[fcodec train] step {step}/{job.steps} rate+λD {m['rd']:.4f} bpp {m['bpp']:.4f} "
+            print(f"[fcodec train] step {step}/{job.train_steps} rate+λD {m['rd']:.4f} bpp {m['bpp']:.4f} "
                   f"D {m['distortion']:.5f} t {m['t']:.1f} λ {m['lam']:.3g} ({time.time() - t0:.1f}s)", flush=True)
         if rank == 0 and (step % job.checkpoint_every == 0 or last):
             with tempfile.TemporaryDirectory() as d:
@@ -236,20 +239,24 @@ def _storage_kwargs(storage: str, opts: StorageOptions | None) -> dict:
     return {"storage_path": path, "storage_filesystem": arrow_fs(fs)}
 
 
-def train(job: TrainJob, opts: StorageOptions | None = None) -> TrainResult:
-    """Run (or resume) training on the current Ray cluster and export the result to `job.out`."""
-    import ray
+def train(job: TrainJob, opts: StorageOptions | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) training and export the result to `job.out`.
+
+    Runs on the Ray cluster this process is connected to, else on a new local one (never one
+    found by accident). `on_step(step, metrics)`, if given, runs on every worker after each
+    optimizer step (it travels to the workers by cloudpickle).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not job.data and not job.latent_cache:
         raise ValueError("give training images (DATA) or a --latent-cache")
     opts = opts or StorageOptions.from_env()
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=asdict(job),
+        train_loop_config={"job": asdict(job), "on_step": on_step},
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu),
         run_config=RunConfig(
             name=job.name, **_storage_kwargs(job.resolved_storage(), opts),
@@ -277,10 +284,10 @@ def export(job: TrainJob, state: dict, opts: StorageOptions | None = None):
     """Build the codec from a checkpoint state and `save_pretrained` it to `job.out` (local or URL)."""
     opts = opts or StorageOptions.from_env()
     from codec import load_backbone
-    from codec.training import RateDistortion, TrainConfig, export_codec
+    from codec.training import CodecTrainConfig, RateDistortion, export_codec
 
     backbone = load_backbone(job.backbone, job.vae)
-    model = RateDistortion(backbone, TrainConfig.from_dict(state["train_config"]))
+    model = RateDistortion(backbone, CodecTrainConfig.from_dict(state["train_config"]))
     model.load_state_dict(state["model"])
     codec = export_codec(backbone, model)
     fs, path = get_fs(job.out, opts)
@@ -311,6 +318,7 @@ class LatentEncoder:
         import torch
 
         from codec import load_image
+        from codec.pixels import to_unit
         from codec.training import encode_latents
 
         out = {k: [] for k in ("key", "source_uri", "latent", "channels", "height", "width", "backbone_fingerprint")}
@@ -321,8 +329,7 @@ class LatentEncoder:
                 px = load_image(bytes(data)).pixels
             except ValueError:
                 continue  # not an image: training skips it, as the compress job would report it
-            x = torch.from_numpy(px).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-            z = encode_latents(self.backbone, x)[0].cpu().numpy().astype("<f2")
+            z = encode_latents(self.backbone, to_unit(px)[None])[0].cpu().numpy().astype("<f2")
             out["key"].append(key)
             out["source_uri"].append(uri)
             out["latent"].append(z.tobytes())
@@ -336,13 +343,14 @@ class LatentEncoder:
 
 def build_latent_cache(data: str, out: str, backbone: str = "tiny", vae: str | None = None, num_actors: int = 1,
                        use_gpu: bool = False, opts: StorageOptions | None = None) -> int:
-    """Encode every image under `data` once with the VAE; write Parquet latents to `out`. Returns rows."""
+    """Encode every image under `data` once with the VAE; write Parquet latents to `out`. Returns rows.
+
+    Runs on the Ray cluster this process is connected to, else on a new local one."""
     import ray
 
     from .storage import arrow_fs
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     opts = opts or StorageOptions.from_env()
     inputs, _ = list_inputs(data, opts)
     shards = plan_shards(inputs, shard_size=16)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jobs.bench import to_markdown
+from pipeline.bench_report import to_markdown
 
 
 def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
@@ -71,13 +71,12 @@ def test_markdown_has_every_section():
 def test_gpu_section_loop_runs_on_the_cpu_with_the_tiny_backbone():
     """The GPU section's loop (fp32 vs bf16, sizes, batches, t) on the CPU: it cannot time a GPU
     here, but it must not first fail on the day a GPU is lent."""
-    import argparse
-
     from codec import Backbone
-    from jobs.bench import _gpu_section
+    from codec.profiling import precision_speed
+    from jobs.samples import sample_image
 
-    res = _gpu_section(argparse.Namespace(steps=2), device="cpu", build=lambda: Backbone.tiny(0), sizes=((32, 48),),
-                       batches=(1, 2), ts=(50,))
+    res = precision_speed(sample_image, steps=2, device="cpu", build=lambda: Backbone.tiny(0), sizes=((32, 48),),
+                          batches=(1, 2), ts=(50,))
     assert [(r["precision"], r["batch"]) for r in res["rows"]] == [("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
     assert all(r["size"] == "48x32" and r["encode_img_s"] > 0 and r["decode_img_s"] > 0 and r["bpp"] > 0 for r in res["rows"])
     md = to_markdown({"started": "now", "machine": {"cpus": 2, "platform": "x", "torch": "2", "gpu": "cpu"},
@@ -88,7 +87,7 @@ def test_gpu_section_loop_runs_on_the_cpu_with_the_tiny_backbone():
 @pytest.mark.slow
 def test_gpu_section_builds_the_sd21_architecture():
     """The random SD-2.1 backbone of the GPU section has SD 2.1's parameter counts."""
-    from jobs.bench import sd21_random_backbone
+    from codec.profiling import sd21_random_backbone
 
     bb = sd21_random_backbone()
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -66,7 +66,7 @@ def test_committed_weights_match_sha256_and_load_in_fresh_process():
 
 @pytest.fixture(scope="module")
 def usc_sipi(shared_dir):
-    from codec.nano import load_folder
+    from codec.pixels import load_folder
 
     d = shared_dir / "data" / "usc_sipi"
     if not d.is_dir():
@@ -78,7 +78,7 @@ def usc_sipi(shared_dir):
 def test_nano_vae_round_trip_on_held_out_images(usc_sipi):
     """Acceptance: unquantized nano VAE round trip, mean PSNR >= 22 dB on USC-SIPI."""
     from codec import load_backbone
-    from codec.nano import evaluate
+    from codec.evaluate import evaluate
 
     res = evaluate(load_backbone("nano"), usc_sipi, ts=(), default_t=False)
     print(f"\nnano VAE round trip on {len(usc_sipi)} USC-SIPI images: mean {res['vae_psnr']:.2f} dB "
@@ -92,7 +92,7 @@ def test_nano_denoising_beats_no_denoising_and_default_rate(usc_sipi):
     """Acceptance: at t in {50, 100, 200} denoising (4 DDIM steps) beats --steps 0 on the same
     bitstreams; the default setting lands in 0.05..0.5 bpp and decodes at the original size."""
     from codec import load_backbone
-    from codec.nano import evaluate
+    from codec.evaluate import evaluate
 
     res = evaluate(load_backbone("nano"), usc_sipi, ts=(50, 100, 200), steps=(0, 4))
     print(f"\nnano on {len(usc_sipi)} USC-SIPI images (static entropy):")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from codec.training import RateDistortion, TrainConfig, make_optimizer, random_crop, train_step
+from codec.pixels import random_crop
+from codec.training import CodecTrainConfig, RateDistortion, make_optimizer, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def tiny_latents(tiny_codec):
 
 def test_t_gets_gradients_and_loss_terms_are_real(tiny_codec, tiny_latents):
     torch.manual_seed(0)
-    model = RateDistortion(tiny_codec.backbone, TrainConfig())
+    model = RateDistortion(tiny_codec.backbone, CodecTrainConfig())
     out = model(tiny_latents[:2], torch.tensor([1.0, 1.0]))
     out["loss"].backward()
     head = model.estimator.head[-1]
@@ -46,7 +47,7 @@ def test_t_gets_gradients_and_loss_terms_are_real(tiny_codec, tiny_latents):
 
 def test_loss_decreases_in_torch(tiny_codec, tiny_latents):
     torch.manual_seed(0)
-    cfg = TrainConfig(lam_min=1.0, lam_max=1.0, lr=3e-3, z_warmup=1)
+    cfg = CodecTrainConfig(lam_min=1.0, lam_max=1.0, lr=3e-3, z_warmup=1)
     model = RateDistortion(tiny_codec.backbone, cfg)
     opt = make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(0)
@@ -62,6 +63,22 @@ def test_random_crop_pads_small_inputs():
     c = random_crop(z, 4, g)
     assert c.shape == (2, 4, 4)
     assert torch.equal(c[:, 3], c[:, 2])  # the missing row is the replicated edge
+
+
+def test_train_cli_counts_train_steps_and_warns_on_the_old_spelling(capsys):
+    """`--steps` means DDIM steps in every other job: train's optimizer steps are --train-steps;
+    the old spelling still works, hidden, with a one-line warning."""
+    from jobs.cli import build_parser, main
+
+    args = build_parser().parse_args(["train", "data", "out", "--train-steps", "7"])
+    assert args.train_steps == 7 and args.deprecated_steps is None
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "--train-steps" in shown and "--steps" not in shown
+    assert main(["train", "", "out", "--steps", "3"]) != 0  # no DATA: fails after the warning
+    err = capsys.readouterr().err
+    assert "`fcodec train --steps` is deprecated, use --train-steps" in err and "give training images" in err
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -93,13 +110,17 @@ def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, tmp_path):
     from codec import load_image
     from pipeline.train import TrainJob, train
 
-    cfg = TrainConfig(lam_min=1.0, lam_max=1.0, lr=3e-3, z_warmup=1)
+    cfg = CodecTrainConfig(lam_min=1.0, lam_max=1.0, lr=3e-3, z_warmup=1)
     job = TrainJob(data=str(sample_dir), out=str(tmp_path / "weights"), backbone="tiny", num_workers=2,
-                   storage_path=str(tmp_path / "runs"), name="t1", steps=24, batch_size=4, crop=64,
-                   checkpoint_every=8, log_every=4, train=cfg.to_dict(), fail_at_step=11)
+                   storage_path=str(tmp_path / "runs"), name="t1", train_steps=24, batch_size=4, crop=64,
+                   checkpoint_every=8, log_every=4, train=cfg.to_dict())
+
+    def fail_at_11(step: int, metrics: dict) -> None:  # nested: cloudpickle ships it to the workers by value
+        if step >= 11:
+            raise RuntimeError(f"fault injected at step {step}")
+
     with pytest.raises(TrainingFailedError, match="fault injected"):
-        train(job)
-    job.fail_at_step = None
+        train(job, on_step=fail_at_11)
     res = train(job)  # same storage_path + name: resumes from the step-8 checkpoint
     steps = [h["step"] for h in res.history]
     assert steps == list(range(1, 25))
@@ -164,8 +185,8 @@ def test_checkpoints_and_export_on_s3(ray_local, sample_dir, s3_server, s3_bucke
     from pipeline.train import TrainJob, train
 
     job = TrainJob(data=str(sample_dir), out=f"{s3_bucket}/weights", backbone="tiny", num_workers=2,
-                   storage_path=f"{s3_bucket}/runs", name="s3run", steps=4, batch_size=2, crop=64,
-                   checkpoint_every=2, log_every=2, train=TrainConfig(train_estimator=False, t_range=(40, 60)).to_dict())
+                   storage_path=f"{s3_bucket}/runs", name="s3run", train_steps=4, batch_size=2, crop=64,
+                   checkpoint_every=2, log_every=2, train=CodecTrainConfig(train_estimator=False, t_range=(40, 60)).to_dict())
     res = train(job, s3_server["opts"])
     assert [h["step"] for h in res.history] == [1, 2, 3, 4]
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])

@@ -12,7 +12,8 @@ T = 50  # DESIGN.md: static ≈ 0.113 bpp on Kodak at t = 50
 @pytest.mark.slow
 def test_hyperprior_beats_static_on_real_latents(kodak, taesd_dir, shared_dir):
     from codec import load_codec, load_image
-    from codec.training import RateDistortion, TrainConfig, encode_latents, export_codec, make_optimizer, random_crop, train_step
+    from codec.pixels import random_crop
+    from codec.training import CodecTrainConfig, RateDistortion, encode_latents, export_codec, make_optimizer, train_step
 
     held_out = sorted((shared_dir / "data" / "usc_sipi").glob("*.png"))
     if not held_out:
@@ -30,7 +31,7 @@ def test_hyperprior_beats_static_on_real_latents(kodak, taesd_dir, shared_dir):
         # Rate-only training at the evaluation t: γ = (channel mean, 1) as the codec uses without
         # an estimator, so distortion does not depend on the entropy model and is left out.
         steps = 800
-        cfg = TrainConfig(train_estimator=False, t_range=(T, T), denoise=False, decay_steps=steps)
+        cfg = CodecTrainConfig(train_estimator=False, t_range=(T, T), denoise=False, decay_steps=steps)
         torch.manual_seed(0)
         model = RateDistortion(bb, cfg)
         opt = make_optimizer(model, cfg)

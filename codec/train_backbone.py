@@ -1,0 +1,206 @@
+"""Training the nano backbone on a CPU: the VAE, then the UNet on the VAE's latents; pure torch.
+
+Two stages. The VAE trains on random crops of natural images (MSE + a tiny KL: a near-
+deterministic autoencoder, the codec uses the latent mode). The UNet then trains on the VAE's
+pre-computed latents and sees the noise the decoder really feeds it: besides Gaussian noise, the
+*uniform quantization* error of step Δ_t (paper, Sec. 3.2), both as additive uniform noise and
+as true rounding on a randomly shifted grid (`corrupt`). The configs are in `codec.nano`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import sd_alphas_cumprod
+from .nano import BackboneTrainConfig, empty_prompt, make_backbone, nano_configs, save_backbone
+from .pixels import load_folder, pad_to_multiple, random_crops, scale_pyramid
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warmup, then cosine decay to 5% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _train_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module, lr: float) -> None:
+    """One Adam step at learning rate `lr`, gradients clipped to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+
+
+def _due(step: int, every: int, n_steps: int) -> bool:
+    """Whether step (0-based) ends a period of `every` steps or the run."""
+    return (step + 1) % every == 0 or step + 1 == n_steps
+
+
+# ---------------------------------------------------------------------------------------- VAE
+def train_vae(images: list[np.ndarray], cfg: BackboneTrainConfig, log: Callable[[str], None] = print,
+              ckpt: Path | None = None):
+    """Train the nano `AutoencoderKL` on random crops; returns it (eval mode, scaling_factor 1)."""
+    from diffusers import AutoencoderKL
+
+    vae_cfg, _ = nano_configs(cfg.small)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    vae = AutoencoderKL(**vae_cfg).train()
+    pool = scale_pyramid(images, cfg.scales, cfg.vae_crop)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    t0, run_mse = time.time(), None
+    n_steps = min(cfg.vae_steps, cfg.vae_stop_at or cfg.vae_steps)
+    for step in range(n_steps):
+        x = random_crops(pool, cfg.vae_batch, cfg.vae_crop, rng)
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample()).sample
+        mse = F.mse_loss(y, x)
+        kl = post.kl().mean() / post.mean[0].numel()
+        _train_step(opt, mse + cfg.kl_weight * kl, vae, _lr(step, cfg.vae_steps, cfg.vae_lr))
+        m = float(mse.detach())
+        run_mse = m if run_mse is None else 0.98 * run_mse + 0.02 * m
+        if _due(step, cfg.log_every, n_steps):
+            # PSNR of [-1, 1] images: MSE on the 0..255 scale is mse * 127.5².
+            log(f"vae step {step + 1}/{cfg.vae_steps}  mse {run_mse:.5f}  "
+                f"psnr~{10 * math.log10(4.0 / max(run_mse, 1e-12)):.2f} dB  kl {float(kl.detach()):.2f}  {time.time() - t0:.0f}s")
+        if ckpt is not None and _due(step, cfg.ckpt_every, n_steps):
+            torch.save({"step": step + 1, "state": vae.state_dict()}, ckpt)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def latent_scaling_factor(vae, images: list[np.ndarray]) -> float:
+    """1 / std of the VAE's latent modes over the images, to 4 significant digits (SD: 0.18215)."""
+    zs = [vae.encode(pad_to_multiple(im, 64)[None]).latent_dist.mode().flatten() for im in images]
+    std = float(torch.cat(zs).std())
+    return float(f"{1.0 / std:.4g}")
+
+
+# ---------------------------------------------------------------------------------------- UNet
+@torch.inference_mode()
+def latent_pool(vae, images: list[np.ndarray], scaling_factor: float, scales: tuple[float, ...],
+                min_side: int) -> list[torch.Tensor]:
+    """The UNet's training pool: scaled latent modes of every image at every scale and of its
+    mirror image, each cropped to a multiple of 8 pixels. (The bare VAE, before a `Backbone`
+    exists; codec training encodes through `codec.training.encode_latents`.)"""
+    out = []
+    for x in scale_pyramid(images, scales, min_side):
+        for v in (x, x.flip(2)):
+            h, w = v.shape[1] // 8 * 8, v.shape[2] // 8 * 8
+            out.append(vae.encode(v[None, :, :h, :w]).latent_dist.mode()[0] * scaling_factor)
+    return out
+
+
+def corrupt(z: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's input at step t and the matching ε target, for a batch of clean latents.
+
+    Per sample, one of three corruptions of variance (1 − ᾱ)/ᾱ in the z domain:
+    true rounding on a grid of step Δ_t with a random offset (exactly what the codec's
+    quantizer does, the per-channel shift being arbitrary), additive uniform noise U(±Δ_t/2),
+    or Gaussian noise (what DDIM's later steps re-inject). Returns x_t = √ᾱ ẑ and
+    ε = √ᾱ (ẑ − z) / √(1 − ᾱ).
+    """
+    b = z.shape[0]
+    a = alphas_cumprod[t].to(z.dtype).view(b, 1, 1, 1)
+    delta = torch.sqrt(12 * (1 - a) / a)
+    kind = torch.randint(0, 4, (b, 1, 1, 1), generator=gen)  # 0,1: rounding; 2: uniform; 3: Gaussian
+    offset = (torch.rand(b, z.shape[1], 1, 1, generator=gen) - 0.5) * delta
+    rounded = torch.round((z - offset) / delta) * delta + offset
+    uniform = z + (torch.rand(z.shape, generator=gen) - 0.5) * delta
+    gauss = z + torch.randn(z.shape, generator=gen) * torch.sqrt((1 - a) / a)
+    z_hat = torch.where(kind <= 1, rounded, torch.where(kind == 2, uniform, gauss))
+    x_t = a.sqrt() * z_hat
+    eps = a.sqrt() * (z_hat - z) / (1 - a).sqrt()
+    return x_t, eps
+
+
+def train_unet(latents: list[torch.Tensor], cfg: BackboneTrainConfig, log: Callable[[str], None] = print,
+               ckpt: Path | None = None):
+    """Train the nano UNet on latent crops for t in [1, t_max]; returns (unet, prompt_embeds)."""
+    from diffusers import UNet2DConditionModel
+
+    _, unet_cfg = nano_configs(cfg.small)
+    torch.manual_seed(cfg.seed + 10)
+    rng = np.random.default_rng(cfg.seed + 10)
+    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    unet = UNet2DConditionModel(**unet_cfg).train()
+    prompt = empty_prompt(unet_cfg["cross_attention_dim"], cfg.seed)
+    ac = sd_alphas_cumprod().float()
+    pool = [z for z in latents if min(z.shape[1:]) >= cfg.unet_crop]
+    if not pool:
+        raise ValueError(f"no latent is at least {cfg.unet_crop} wide: use larger images or a smaller --unet-crop")
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.unet_lr)
+    t0, run = time.time(), None
+    n_steps = min(cfg.unet_steps, cfg.unet_stop_at or cfg.unet_steps)
+    for step in range(n_steps):
+        z = random_crops(pool, cfg.unet_batch, cfg.unet_crop, rng, augment=False)
+        t = torch.randint(1, cfg.t_max + 1, (z.shape[0],), generator=gen)
+        x_t, eps = corrupt(z, t, ac, gen)
+        out = unet(x_t, t, encoder_hidden_states=prompt.expand(z.shape[0], -1, -1)).sample
+        if cfg.prediction_type == "v_prediction":
+            a = ac[t].view(-1, 1, 1, 1)
+            target = a.sqrt() * eps - (1 - a).sqrt() * z
+        else:
+            target = eps
+        loss = F.mse_loss(out, target)
+        _train_step(opt, loss, unet, _lr(step, cfg.unet_steps, cfg.unet_lr))
+        lv = float(loss.detach())
+        run = lv if run is None else 0.98 * run + 0.02 * lv
+        if _due(step, cfg.log_every, n_steps):
+            # loss < 1 means the UNet explains part of the quantization noise (1 = no better than 0).
+            log(f"unet step {step + 1}/{cfg.unet_steps}  loss {run:.4f}  {time.time() - t0:.0f}s")
+        if ckpt is not None and _due(step, cfg.ckpt_every, n_steps):
+            torch.save({"step": step + 1, "state": unet.state_dict(), "prompt": prompt}, ckpt)
+    return unet.eval().requires_grad_(False), prompt
+
+
+# ---------------------------------------------------------------------------------------- both
+def train_backbone(data_dir: str | Path, out_dir: str | Path, cfg: BackboneTrainConfig,
+                   log: Callable[[str], None] = print, stage: str = "all") -> Path:
+    """Train the VAE then the UNet, write the SD snapshot layout to `out_dir` and return it.
+
+    `stage="vae"` stops after the VAE (saved as `out_dir/vae_trained.pt`); `stage="unet"` reuses
+    that file. Checkpoints are written to `out_dir/ckpt_*.pt` every `cfg.ckpt_every` steps.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = load_folder(data_dir)
+    log(f"{len(images)} training images from {data_dir}; config {asdict(cfg)}")
+    t0 = time.time()
+    vae_file = out / "vae_trained.pt"
+    if stage in ("all", "vae"):
+        vae = train_vae(images, cfg, log, out / "ckpt_vae.pt")
+        torch.save(vae.state_dict(), vae_file)
+        log(f"vae done in {time.time() - t0:.0f}s")
+        if stage == "vae":
+            return out
+    else:
+        from diffusers import AutoencoderKL
+
+        if not vae_file.is_file():
+            raise FileNotFoundError(f"{vae_file} not found: run --stage vae (or all) first")
+        vae = AutoencoderKL(**nano_configs(cfg.small)[0])
+        vae.load_state_dict(torch.load(vae_file))
+        vae.eval().requires_grad_(False)
+    # The latent scale, then the latents, from the fp16-rounded VAE that will be committed.
+    vae.half().float()
+    sf = latent_scaling_factor(vae, images)
+    latents = latent_pool(vae, images, sf, cfg.unet_scales, cfg.unet_crop * 8)
+    log(f"scaling_factor {sf}; {len(latents)} latent maps for the UNet")
+    t1 = time.time()
+    unet, prompt = train_unet(latents, cfg, log, out / "ckpt_unet.pt")
+    log(f"unet done in {time.time() - t1:.0f}s")
+    bb = make_backbone(vae, unet, prompt, sf, cfg.prediction_type)
+    save_backbone(bb, out)
+    return out
