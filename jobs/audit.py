@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_codec_args
+from .common import EXIT_CODES_HELP, exit_code
+from .options import (add_codec_options, add_config_option, add_positional, add_ray_options, add_storage_options,
+                      codec_spec, storage_options)
 
 
 def add_metric_args(p: argparse.ArgumentParser) -> None:
@@ -24,70 +26,49 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="measure the quality of a compressed dataset against its originals",
-                       description="Pair each bitstream row with its original, decode, and write per-image PSNR / "
-                                   "SSIM / MS-SSIM (LPIPS/DISTS when weights are local), FID/KID on 256x256 patches, "
-                                   "and a self-contained report.html under OUT.")
-    p.add_argument("originals", help="folder / prefix / glob of the original images (local or s3://)")
-    p.add_argument("bitstreams", help="bitstream dataset written by `fcodec compress`")
-    p.add_argument("out", help="output folder (local or s3://)")
-    p.add_argument("--baseline", default=None, metavar="NAME",
-                   help="the dataset was written by a baseline codec: jpeg | webp | avif | compressai:ARCH")
-    p.add_argument("--quality", type=int, default=75, help="baseline quality (default: %(default)s)")
+                       description="Pair each bitstream row with its original, decode with the codec the dataset "
+                                   "names (its manifest), and write per-image PSNR / SSIM / MS-SSIM (LPIPS/DISTS "
+                                   "when weights are local), FID/KID on 256x256 patches, and a self-contained "
+                                   "report.html under OUT.", epilog=EXIT_CODES_HELP)
+    add_positional(p, "originals", "folder / prefix / glob of the original images (local or s3://)")
+    add_positional(p, "bitstreams", "bitstream dataset written by `fcodec compress`")
+    add_positional(p, "out", "output folder (local or s3://)")
+    add_config_option(p)
     p.add_argument("--label", default=None, help="codec name in the report (default: the codec's name)")
-    p.add_argument("--workers", type=int, default=2, help="audit actors (default: %(default)s)")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="Ray CPUs per actor (default: %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=0, help="Ray GPUs per actor, e.g. 1 or 0.5 (default: %(default)s)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else $FCODEC_S3_ENDPOINT)")
+    g = add_ray_options(p, inline=False)
+    g.add_argument("--workers", type=int, default=2, help="audit actors (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=float, default=0.5, help="Ray CPUs per actor (default: %(default)s)")
+    g.add_argument("--gpus-per-worker", type=float, default=0, help="Ray GPUs per actor, e.g. 1 or 0.5 (default: %(default)s)")
+    add_storage_options(p)
     add_metric_args(p)
-    add_codec_args(p, encode=False, decode=True)
-    p.set_defaults(_audit_parser=p)
+    add_codec_options(p, encode=False, decode=True, baseline=True)
     return p
 
 
-# Options that must match the encoder: taken from the dataset's manifest unless given as flags.
-DECODER_KEYS = ("backbone", "vae", "entropy", "codec_weights", "baseline", "quality")
+def dataset_spec(args: argparse.Namespace):
+    """The codec the dataset names, with the options given (contradictions are an error), and
+    the setting label the report shows (e.g. 't=100')."""
+    from pipeline.catalog import Books, dataset_codec
+    from pipeline.storage import get_fs
 
-
-def spec_with_manifest(args: argparse.Namespace, spec: dict) -> tuple[dict, str]:
-    """Fill the decoder options the user left at their defaults from BITSTREAMS/_manifest.json
-    (what `fcodec compress` used); returns (spec, setting label such as 't=100')."""
-    from pipeline.storage import StorageOptions, get_fs, read_manifest
-
-    fs, root = get_fs(args.bitstreams, StorageOptions.from_env(args.endpoint_url))
-    prev = ((read_manifest(fs, root) or {}).get("config") or {}).get("codec") or {}
-    parser = args._audit_parser
-    for k in DECODER_KEYS:
-        given = getattr(args, k, None)
-        if k in prev and prev[k] is not None and (given is None or given == parser.get_default(k)):
-            spec[k] = prev[k]
-    if spec.get("baseline"):
-        spec = {k: spec[k] for k in ("baseline", "quality") if k in spec}
-        return spec, f"q{spec.get('quality')}"
-    if prev.get("t") is not None:
-        return spec, f"t={prev['t']}"
-    if prev.get("target_bpp") is not None:
-        return spec, f"target {prev['target_bpp']} bpp"
+    m = Books(*get_fs(args.bitstreams, storage_options(args))).read_manifest()
+    spec = dataset_codec(m, codec_spec(args).replace(threads=1), args.bitstreams)
+    if spec.baseline:
+        return spec, f"q{spec.quality or 75}"
+    if spec.t is not None:
+        return spec, f"t={spec.t}"
+    if spec.target_bpp is not None:
+        return spec, f"target {spec.target_bpp} bpp"
     return spec, ""
-
-
-def codec_spec_from_args(args: argparse.Namespace) -> dict:
-    """The pipeline codec spec (plain dict) the options describe."""
-    if getattr(args, "baseline", None):
-        return {"baseline": args.baseline, "quality": args.quality}
-    return {"baseline": None, "quality": args.quality, "backbone": args.backbone, "vae": args.vae, "entropy": args.entropy, "codec_weights": args.codec_weights,
-            "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-            "steps": args.steps, "threads": 1}
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.audit import AuditConfig, run_audit
-    from pipeline.storage import StorageOptions
 
-    spec, setting = spec_with_manifest(args, codec_spec_from_args(args))
-    cfg = AuditConfig(codec=spec, fid=args.fid, patch=args.patch, setting=setting,
+    spec, setting = dataset_spec(args)
+    cfg = AuditConfig(codec={k: v for k, v in spec.to_dict().items() if v is not None}, fid=args.fid, patch=args.patch, setting=setting,
                       weights={"lpips": args.lpips_weights, "dists": args.dists_weights}, label=args.label)
-    s = run_audit(args.originals, args.bitstreams, args.out, cfg, StorageOptions.from_env(args.endpoint_url),
+    s = run_audit(args.originals, args.bitstreams, args.out, cfg, storage_options(args),
                   workers=args.workers, n_worst=args.worst, cpus_per_worker=args.cpus_per_worker,
                   ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
     g = s["groups"][0] if s["groups"] else {}
@@ -97,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
           f"-> {args.out}/report.html")
     for note in s["notes"]:
         print(f"note: {note}")
-    return 0
+    return exit_code({"rows": s["n_rows"], "ok": s["n_ok"], "failed": s["n_failed"]}, {})

@@ -7,6 +7,7 @@ import argparse
 
 from .audit import add_metric_args
 from .common import add_codec_args
+from .options import add_positional, add_storage_options, storage_options
 
 DEFAULT_TS = [25, 50, 100, 200]
 
@@ -15,8 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare our codec with JPEG/WebP/AVIF/CompressAI on a dataset (RD curves, BD-rate)",
                        description="Encode and decode DATASET with each codec at several settings, measure every image, "
                                    "and write OUT/metrics.parquet, OUT/summary.json and OUT/report.html.")
-    p.add_argument("dataset", help="folder / glob / tar / Parquet of images (local or s3://)")
-    p.add_argument("out", help="output folder")
+    add_positional(p, "dataset", "folder / glob / tar / Parquet of images (local or s3://)")
+    add_positional(p, "out", "output folder")
     p.add_argument("--codecs", default="ours,jpeg,webp,avif",
                    help="comma list of: ours, jpeg, webp, avif, compressai:ARCH (local weights only) (default: %(default)s)")
     p.add_argument("--ts", default=",".join(map(str, DEFAULT_TS)), help="t values swept for ours (default: %(default)s)")
@@ -26,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by key)")
     p.add_argument("--crop", default=None, metavar="WxH", help="center-crop every image to WxH (smaller images are kept whole)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else $FCODEC_S3_ENDPOINT)")
+    add_storage_options(p)
     add_metric_args(p)
     add_codec_args(p, encode=False, decode=True)
     return p
@@ -48,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.audit import AuditConfig
     from pipeline.compare import CompareConfig, run_compare, sweep_plan
-    from pipeline.storage import StorageOptions
-
     from .common import codec_from_args
 
     if args.threads:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                         crop=args.crop, steps=args.steps, worst=args.worst,
                         audit=AuditConfig(fid=args.fid, patch=args.patch,
                                           weights={"lpips": args.lpips_weights, "dists": args.dists_weights}))
-    summary = run_compare(cfg, lambda: codec_from_args(args), StorageOptions.from_env(args.endpoint_url))
+    summary = run_compare(cfg, lambda: codec_from_args(args), storage_options(args))
     print(f"{summary['n_images']} images, {len(summary['groups'])} codec settings -> {args.out}/report.html")
     for n in summary["notes"]:
         print(f"note: {n}")

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .common import add_codec_args, atomic_write, codec_from_args
+from .options import add_positional
 
 # Options the record itself names (by fingerprint and model id): left out, they come from it.
 FROM_RECORD = {"backbone": "a built-in backbone (tiny, nano, nano-v1, ...), hub id or snapshot folder "
@@ -20,8 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "entropy model and codec weights default to the built-in ones the record's "
                                    "fingerprints name; for others pass the same --backbone/--vae/--entropy/"
                                    "--codec-weights as the encoder.")
-    p.add_argument("bitstream", help="input .fdc file")
-    p.add_argument("out", help="output image (.png)")
+    add_positional(p, "bitstream", "input .fdc file")
+    add_positional(p, "out", "output image (.png)")
     add_codec_args(p, encode=False, decode=True)
     for action in p._actions:
         if action.dest in FROM_RECORD:

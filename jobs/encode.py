@@ -5,13 +5,14 @@ import argparse
 from pathlib import Path
 
 from .common import add_codec_args, atomic_write, codec_from_args
+from .options import add_positional
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="compress one image file to a .fdc bitstream",
                        description="Compress one image (PNG, JPEG, WebP, ...) to a foundation-codec bitstream.")
-    p.add_argument("image", help="input image file")
-    p.add_argument("out", help="output bitstream (.fdc)")
+    add_positional(p, "image", "input image file")
+    add_positional(p, "out", "output bitstream (.fdc)")
     add_codec_args(p, encode=True, decode=False)
     return p
 

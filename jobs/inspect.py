@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_positional
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a .fdc record's header or a bitstream dataset's summary",
@@ -13,7 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "local dataset's manifest summary (codec, counts, shards, mean bpp, dates, "
                                    "the software version that wrote it). Exit 0: readable; 1: the record's "
                                    "checksum is wrong; 2: not a record or dataset (truncated, unreadable).")
-    p.add_argument("path", help="a .fdc file or a bitstream dataset folder")
+    add_positional(p, "path", "a .fdc file or a bitstream dataset folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_positional, add_ray_options
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Train the codec's learned parts (hyperprior entropy model, γ/t estimator) with the backbone "
                     "frozen, on N Ray Train workers; export to OUT for `--codec-weights OUT`.")
     p.add_argument("data", nargs="?", default="", help="training images: folder, glob, tar shards or Parquet (local or s3://)")
-    p.add_argument("out", help="export folder or URL (codec_config.json + safetensors)")
+    add_positional(p, "out", "export folder or URL (codec_config.json + safetensors)")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=None, help="tiny | nano | hub id | snapshot folder (default: as other jobs)")
     g.add_argument("--vae", default=None, metavar="DIR", help="TAESD-style autoencoder folder used instead of the backbone's VAE")
@@ -44,8 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, default=2, help="worker failures retried from the last checkpoint (default: %(default)s)")
     r.add_argument("--latent-cache", default=None, metavar="URL", help="train from this latent cache (Parquet) instead of images")
     r.add_argument("--build-cache", action="store_true", help="first encode DATA once with the VAE into --latent-cache")
-    r.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the running one; default: start a local one)")
     r.add_argument("--seed", type=int, default=0)
+    add_ray_options(p, inline=False)
     return p
 
 
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from codec import default_backbone
     from codec.training import CodecTrainConfig
-    from pipeline.run import init_ray
+    from pipeline.raystart import init_ray
     from pipeline.train import TrainJob, build_latent_cache, train
 
     if args.deprecated_steps is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_positional
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a bitstream dataset is whole (CRC, hashes, counts) without decoding it",
@@ -15,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "totals match the commit markers and _manifest.json; no duplicate keys; no part "
                                    "file without a commit marker. Exit status 0: whole; 1: problems (listed); "
                                    "2: the dataset could not be read at all.")
-    p.add_argument("dataset", help="bitstream dataset folder or bucket prefix (s3://bucket/prefix)")
+    add_positional(p, "dataset", "bitstream dataset folder or bucket prefix (s3://bucket/prefix)")
     p.add_argument("--decode-sample", type=int, default=0, metavar="N",
                    help="also decode N random ok rows with the dataset's codec options and check their size (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the decode sample (default: %(default)s)")

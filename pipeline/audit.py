@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .schema import STATUS_FAILED, STATUS_OK
-from .storage import StorageOptions, committed_shards, get_fs, join, read_bytes, write_atomic, write_json_atomic
+from .storage import StorageOptions, get_fs, join, read_bytes, write_atomic, write_json_atomic
 
 METRICS_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -68,9 +68,9 @@ def codec_from_spec(spec: dict):
         from codec.baselines import make_baseline
 
         return make_baseline(spec["baseline"], int(spec.get("quality") or 75), weights_dir=spec.get("weights_dir"))
-    from .actors import load_codec_from_spec
+    from codec.spec import CodecSpec
 
-    return load_codec_from_spec(spec)
+    return CodecSpec.from_dict({k: v for k, v in spec.items() if k != "weights_dir"}).build()
 
 
 class Measurer:
@@ -244,12 +244,13 @@ def list_originals(originals: str, opts: StorageOptions | None = None) -> dict[s
 
 def dataset_parts(bitstreams: str, opts: StorageOptions | None = None) -> list[str]:
     """URLs of the committed Parquet parts of a bitstream dataset (all parts if none committed)."""
+    from .catalog import Books
     from .storage import full_url
 
     fs, root = get_fs(bitstreams, opts)
-    shards = committed_shards(fs, root)
+    shards = Books(fs, root).read().shards
     if shards:
-        return [full_url(fs, join(root, s["file"])) for _, s in sorted(shards.items())]
+        return [full_url(fs, join(root, s.file)) for _, s in sorted(shards.items()) if s.file]
     files = sorted(p for p in fs.glob(join(root, "*.parquet")) if not os.path.basename(p).startswith(("_", ".")))
     if not files:
         raise FileNotFoundError(f"no bitstream dataset at '{bitstreams}' (expected part-*.parquet from `fcodec compress`)")
@@ -286,7 +287,7 @@ def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts:
     from ray.util import ActorPool
 
     from .report import summarize
-    from .run import init_ray
+    from .raystart import init_ray
 
     parts = dataset_parts(bitstreams, opts)
     orig_map = list_originals(originals, opts)

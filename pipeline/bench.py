@@ -24,8 +24,9 @@ from typing import Callable
 
 import psutil
 
-from .actors import load_codec_from_spec
-from .run import JobConfig, compress, init_ray, steady_rate
+from .actors import as_spec
+from .raystart import init_ray
+from .run import JobConfig, compress, steady_rate
 
 SECTIONS = ("stages", "fastpath", "pipeline", "scaling", "memory", "gpu")
 
@@ -46,7 +47,7 @@ def processes(pattern: str) -> list[dict]:
 class RssSampler:
     """Samples the RSS of this machine's Ray actor processes running `pattern` (peak per pid)."""
 
-    def __init__(self, pattern: str = "EncodeActor", every: float = 0.2) -> None:
+    def __init__(self, pattern: str = "ShardEncoder", every: float = 0.2) -> None:
         self.pattern, self.every, self.peak = pattern, every, {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -86,7 +87,7 @@ def bare_loop(src_files: list[Path], spec: dict, batch: int) -> dict:
     from codec import load_image
 
     quiesce()
-    codec = load_codec_from_spec(spec)
+    codec = as_spec(spec).build()
     n_bytes, ends = 0, []
     t0 = time.perf_counter()
     for i in range(0, len(src_files), batch):
@@ -99,7 +100,7 @@ def bare_loop(src_files: list[Path], spec: dict, batch: int) -> dict:
 
 
 def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sample_rss: bool = False,
-            image_stage: bool | None = None) -> dict:
+            io_threads: int = 4) -> dict:
     """The real compress job (local Ray already initialised) into a temporary destination.
 
     `steady_images_per_s` and `first_output_s` are the job's own figures (run.Throughput):
@@ -108,7 +109,7 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
     dst = tempfile.mkdtemp(prefix="fcodec-bench-")
     try:
         cfg = JobConfig(src=src, dst=dst, codec=dict(spec), shard_size=shard_size, rows_per_batch=batch,
-                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), image_stage=image_stage)
+                        workers=workers, actor_cpus=max(0.5, 1.0 / workers), io_threads=io_threads)
         sampler = RssSampler() if sample_rss else None
         quiesce()
         t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
         dt = time.perf_counter() - t0
         n = int(stats["totals"]["ok"])
         out = {"images": n, "failed": int(stats["totals"]["failed"]), "seconds": dt, "workers": workers,
-               "images_per_s": n / dt if dt else 0.0, "image_stage": (stats["run"].get("pool") or {}).get("image_stage"),
+               "images_per_s": n / dt if dt else 0.0, "io_threads": io_threads,
                "first_output_s": stats["run"]["first_output_s"], "steady_images_per_s": stats["run"]["steady_images_per_s"]}
         if sampler:
             out["peak_rss_mb_per_actor"] = sorted(v / 2**20 for v in sampler.peak.values())
@@ -131,8 +132,9 @@ def ray_job(src: str, spec: dict, workers: int, batch: int, shard_size: int, sam
 
 # ---------------------------------------------------------------- sections
 def pipeline_efficiency(small: list[Path], big: list[Path], spec: dict, batch: int, repeats: int) -> dict:
-    """Bare loop vs the Ray job (as configured by default, and with image decoding in the other
-    place: read tasks vs actors) on N and 4N images, `repeats` times in turn. Each rate is
+    """Bare loop vs the Ray job (as configured by default, and with one I/O thread per actor
+    instead of the default four: reads and image decoding less overlapped with the model) on N
+    and 4N images, `repeats` times in turn. Each rate is
     marginal: (4N - N) images over the difference of the two runs' wall times, which cancels
     every fixed cost (the job's start-up, the read tasks' processes starting) and leaves the
     per-image rate a long archive job runs at. The figures are medians over the repeats."""
@@ -144,10 +146,9 @@ def pipeline_efficiency(small: list[Path], big: list[Path], spec: dict, batch: i
     for _ in range(max(1, repeats)):
         runs = {"bare_loop": bare_loop(small, spec, batch), "bare_loop_4x": bare_loop(big, spec, batch)}
         for name in ("ray_job", "ray_job_other"):
-            # the default placement of image decoding, then the other place
-            stage = None if name == "ray_job" else not runs["ray_job"]["image_stage"]
-            runs[name] = ray_job(src_n, spec, 1, batch, batch, image_stage=stage)
-            runs[name + "_4x"] = ray_job(src_4n, spec, 1, batch, batch, image_stage=stage)
+            threads = 4 if name == "ray_job" else 1  # the default I/O threads, then a single one
+            runs[name] = ray_job(src_n, spec, 1, batch, batch, io_threads=threads)
+            runs[name + "_4x"] = ray_job(src_4n, spec, 1, batch, batch, io_threads=threads)
         bare = marginal(runs["bare_loop"], runs["bare_loop_4x"])
         job, other = marginal(runs["ray_job"], runs["ray_job_4x"]), marginal(runs["ray_job_other"], runs["ray_job_other_4x"])
         reps.append({**runs, "bare_marginal_images_per_s": bare, "ray_marginal_images_per_s": job,
@@ -156,7 +157,7 @@ def pipeline_efficiency(small: list[Path], big: list[Path], spec: dict, batch: i
                      "fixed_startup_s": runs["ray_job"]["seconds"] - runs["ray_job"]["images"] / job})
     med = lambda k: median(r[k] for r in reps)  # noqa: E731
     return {"images": [len(small), len(big)], "repeats": reps, "efficiency": med("efficiency"),
-            "image_stage": reps[0]["ray_job"]["image_stage"], "efficiency_other": med("efficiency_other"),
+            "io_threads": reps[0]["ray_job"]["io_threads"], "efficiency_other": med("efficiency_other"),
             "end_to_end_efficiency": med("end_to_end_efficiency"), "startup_s": med("fixed_startup_s"),
             "first_output_s": median(r["ray_job_4x"]["first_output_s"] or 0 for r in reps),
             "bare_marginal_images_per_s": med("bare_marginal_images_per_s"),
@@ -264,7 +265,7 @@ def _ray_sections(cfg: BenchConfig, sections: set[str], write_images, data_dir: 
         if "pipeline" in sections:
             pl = out["pipeline"] = pipeline_efficiency(mid, big, spec, cfg.batch, cfg.repeats)
             echo(f"pipeline efficiency: {pl['efficiency']:.2f}x the bare loop (steady state, median of "
-                 f"{len(pl['repeats'])}); image decoding moved {'into the actor' if pl['image_stage'] else 'to the read tasks'}: "
+                 f"{len(pl['repeats'])}); with 1 I/O thread per actor instead of {pl['io_threads']}: "
                  f"{pl['efficiency_other']:.2f}x; end to end {pl['end_to_end_efficiency']:.2f}x (start-up {pl['startup_s']:.1f} s)")
         if "scaling" in sections:
             base = out.get("pipeline", {}).get("ray_marginal_images_per_s")

@@ -243,6 +243,31 @@ def fold(cat: Catalog, recs: list[L.CommitRecord]) -> None:
     cat.entries = pa.concat_tables([ents, pa.Table.from_pylist(rows, schema=L.ENTRIES_SCHEMA)])
 
 
+def dataset_codec(m: L.Manifest | None, given, where: str):
+    """The `CodecSpec` to run on a dataset with: the one its manifest names, with the options a
+    user `given` (a CodecSpec; defaults count as not given). A given option that contradicts the
+    dataset is an error naming both, before any row is attempted. A backbone that was a local
+    folder may be given at another path (it moved); the workers check its fingerprint.
+    Layout-1 manifests named built-in aliases (`nano`): resolved by the recorded fingerprint."""
+    from codec.spec import CodecSpec
+
+    if m is None or not m.codec:
+        return given.pinned()
+    codec = dict(m.codec)
+    if m.codec_fingerprint and not codec.get("vae") and not codec.get("baseline"):
+        from codec.registry import backbone_for_fingerprint
+
+        builtin = backbone_for_fingerprint(m.codec_fingerprint[:16])
+        if builtin is not None:
+            codec["backbone"] = builtin.name
+    keys = CodecSpec.dataset_keys()
+    if m.backbone.get("folder"):
+        keys = tuple(k for k in keys if k != "backbone")
+    defaults = CodecSpec()
+    changed = {k: v for k, v in given.to_dict().items() if v is not None and v != getattr(defaults, k)}
+    return CodecSpec.from_dict(codec, f"{where} manifest").merged_with(changed, keys=keys, where=where).pinned()
+
+
 def part_record(fs, path: str) -> L.CommitRecord | None:
     """The commit record a worker embedded in a part's footer (None: not one of ours / unreadable)."""
     try:

@@ -27,7 +27,7 @@ from typing import Callable
 from codec.spec import CodecSpec, backbone_origin
 
 from . import layout as L
-from .catalog import Books, Catalog, fold, part_record
+from .catalog import Books, Catalog, dataset_codec, fold, part_record
 from .lease import acquire
 from .plan import plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
@@ -241,27 +241,6 @@ def reconcile(books: Books, cat: Catalog, echo: Callable[[str], None]) -> dict:
     return out
 
 
-def _check_codec(cat: Catalog, spec: CodecSpec, where: str) -> CodecSpec:
-    """The spec to run with: the dataset's own codec, with the given options (an error if they
-    contradict it). A backbone that was a local folder may be given at another path (it moved);
-    the workers then check its fingerprint against the dataset's."""
-    m = cat.manifest
-    if m is None or not m.codec:
-        return spec.pinned()
-    codec = dict(m.codec)
-    if m.codec_fingerprint and not codec.get("vae") and not codec.get("baseline"):
-        from codec.registry import backbone_for_fingerprint
-
-        builtin = backbone_for_fingerprint(m.codec_fingerprint[:16])  # layout 1 wrote the alias ("nano")
-        if builtin is not None:
-            codec["backbone"] = builtin.name
-    keys = CodecSpec.dataset_keys()
-    if m.backbone.get("folder"):
-        keys = tuple(k for k in keys if k != "backbone")
-    given = {k: v for k, v in spec.to_dict().items() if v is not None and v != CodecSpec.__dataclass_fields__[k].default}
-    return CodecSpec.from_dict(codec, f"{where} manifest").merged_with(given, keys=keys, where=where).pinned()
-
-
 def _check_backbone_reachable(spec: CodecSpec, m: L.Manifest | None) -> None:
     """A dataset written with a local backbone folder that is not there now: say what it was,
     before any row is attempted."""
@@ -306,7 +285,7 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
         if cat.layout == 1:
             books.migrate_v1(cat)
         recon = reconcile(books, cat, echo)
-        spec = _check_codec(cat, CodecSpec.from_dict(cfg.codec), cfg.dst)
+        spec = dataset_codec(cat.manifest, CodecSpec.from_dict(cfg.codec), cfg.dst)
         if cat.manifest and cat.manifest.kind != L.BITSTREAM_KIND:
             raise ValueError(f"{cfg.dst} holds a {cat.manifest.kind}, not a bitstream dataset")
         plan = plan_compress(listing, cat, cfg.shard_size, run_id, cfg.mode, cfg.retry_failed, cfg.max_shards,
@@ -432,7 +411,7 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
     source = Books(sfs, sroot).read()
     if not source.shards:
         raise ValueError(f"{cfg.src} has no committed shards: is it a `fcodec compress` output?")
-    spec = _check_codec(source, CodecSpec.from_dict(cfg.codec), cfg.src)
+    spec = dataset_codec(source.manifest, CodecSpec.from_dict(cfg.codec), cfg.src)
     _check_backbone_reachable(spec, source.manifest)
     expect = source.manifest.codec_fingerprint if source.manifest else None
     books = Books(dfs, droot)

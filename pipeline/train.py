@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .run import init_ray
+from .raystart import init_ray
 from .sources import list_inputs, plan_shards, read_shard
 from .storage import StorageOptions, get_fs, is_local
 

@@ -15,14 +15,15 @@ SPEC = {"backbone": "tiny", "steps": 2, "threads": 1, "precision": "exact"}
 
 def _write_dataset(tmp_path, n: int = 6):
     """Originals (176x208 and 192x168: big enough for MS-SSIM) + a 2-part bitstream dataset in
-    the layout `fcodec compress` writes, made with the pipeline's own EncodeActor."""
+    release 0.1.0's layout (parts + `_commits/` markers, still read everywhere), made with the
+    pipeline's own EncodeActor."""
     from PIL import Image
 
     from jobs.samples import sample_image
     from pipeline.actors import EncodeActor
     from pipeline.schema import BITSTREAM_SCHEMA, parquet_write_kwargs, to_table
     from pipeline.sources import list_inputs, plan_shards, read_shard
-    from pipeline.storage import get_fs, marker_path, part_name, write_json_atomic, write_parquet_atomic
+    from pipeline.storage import get_fs, join, write_json_atomic, write_parquet_atomic
 
     src = tmp_path / "orig"
     src.mkdir()
@@ -44,8 +45,8 @@ def _write_dataset(tmp_path, n: int = 6):
                 b[len(b) // 2] ^= 0xFF
                 r["bitstream"], r["bitstream_sha256"] = bytes(b), hashlib.sha256(bytes(b)).hexdigest()
         table = to_table(rows, BITSTREAM_SCHEMA)
-        write_parquet_atomic(fs, root, part_name(sh.id), table, **parquet_write_kwargs(table))
-        write_json_atomic(fs, marker_path(root, sh.id), {"file": part_name(sh.id), "n": len(rows)})
+        write_parquet_atomic(fs, root, f"part-{sh.id}.parquet", table, **parquet_write_kwargs(table))
+        write_json_atomic(fs, join(root, "_commits", f"{sh.id}.json"), {"file": f"part-{sh.id}.parquet", "rows": len(rows)})
     (src / "img4.png").unlink()  # original gone since compression
     im = np.asarray(Image.open(src / "img5.png")).copy()
     im[0, 0] ^= 1
@@ -57,7 +58,7 @@ def test_audit_reports_failed_rows_and_merges_fid_statistics(tmp_path, ray_local
     from codec import CodecConfig, load_codec
     from codec.metrics import psnr
     from pipeline.audit import AuditConfig, AuditWorker, dataset_scores, list_originals, run_audit
-    from pipeline.storage import read_dataset
+    from pipeline.catalog import read_dataset
 
     src, bits = _write_dataset(tmp_path)
     cfg = AuditConfig(codec=SPEC, fid="seeded:8:0", patch=64, label="tiny")

@@ -20,12 +20,13 @@ def test_compress_then_audit_cli(tmp_path, ray_local, capsys):
         Image.fromarray(sample_image(300 + i, 176, 176)).save(src / f"a{i}.png")
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     bits = tmp_path / "bits"
-    assert main(["compress", str(src), str(bits), "--backbone", "tiny", "--t", "150", "--no-ray", "--no-progress"]) == 0
+    # exit code 1: finished, one input failed (recorded as a failed row)
+    assert main(["compress", str(src), str(bits), "--backbone", "tiny", "--t", "150", "--no-ray", "--no-progress"]) == 1
     out = tmp_path / "audit"
-    # no --t/--backbone here: the decoder options come from bits/_manifest.json
+    # no --t/--backbone here: the decoder options come from the dataset's manifest
     rc = main(["audit", str(src), str(bits), str(out), "--steps", "1", "--fid", "seeded:8", "--patch", "64",
                "--workers", "2", "--worst", "1"])
-    assert rc == 0
+    assert rc == 1  # the failed row is reported as such
     df = pd.read_parquet(out / "metrics.parquet")
     assert sorted(df["key"]) == ["a0.png", "a1.png", "a2.png", "a3.png", "broken.jpg"]
     ok = df[df["status"] == "ok"]

@@ -31,8 +31,8 @@ def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
     rep = res["pipeline"]["repeats"][0]
     for name in ("bare_loop", "ray_job", "ray_job_other"):
         assert rep[name]["images"] == 32 and rep[name + "_4x"]["images"] == 128, name
-    # CPU actors decode images themselves by default; the comparison run decodes in the read tasks
-    assert rep["ray_job"]["image_stage"] is False and rep["ray_job_other"]["image_stage"] is True
+    # the default run reads and decodes in 4 I/O threads per actor; the comparison run in one
+    assert rep["ray_job"]["io_threads"] == 4 and rep["ray_job_other"]["io_threads"] == 1
     # 8 shards of 4 images reach the driver one by one: the job measures its own start-up and rate
     assert rep["ray_job"]["steady_images_per_s"] > 0 and rep["ray_job"]["first_output_s"] > 0
     assert rep["efficiency"] == rep["ray_marginal_images_per_s"] / rep["bare_marginal_images_per_s"]
@@ -53,7 +53,7 @@ def test_markdown_has_every_section():
            "pipeline": {"images": [40, 160], "repeats": [{"bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58,
                                                            "ray_other_marginal_images_per_s": 4.8, "efficiency": 0.93,
                                                            "efficiency_other": 0.8, "end_to_end_efficiency": 0.5}],
-                        "efficiency": 0.93, "image_stage": False, "efficiency_other": 0.8, "end_to_end_efficiency": 0.5,
+                        "efficiency": 0.93, "io_threads": 4, "efficiency_other": 0.8, "end_to_end_efficiency": 0.5,
                         "startup_s": 3.0,
                         "first_output_s": 3.5, "bare_marginal_images_per_s": 6.0, "ray_marginal_images_per_s": 5.58},
            "fastpath": {"rows": [{"channels_last": True, "overlap_entropy": False, "encode_img_s": 9.5, "decode_img_s": 2.25}],
@@ -62,7 +62,7 @@ def test_markdown_has_every_section():
            "memory": {"dataset": run, "dataset_10x": run, "peak_rss_mb": [500.0, 520.0], "growth": 0.04},
            "gpu": {"skipped": "no CUDA device on this machine"}}
     md = to_markdown(res)
-    assert "pipeline efficiency: 0.93× the bare loop" in md and "in the read tasks instead: 0.80×" in md
+    assert "pipeline efficiency: 0.93× the bare loop" in md and "with 1: 0.80×" in md
     for h in ("## Codec stages", "## Scaling", "## Memory", "+4.0%", "## GPU", "1.00%", "| on | off | 9.5 | 2.2 |",
               "| 1 | 6.00 | 5.58 | 0.93 | 4.80 | 0.80 | 0.50 |"):
         assert h in md
