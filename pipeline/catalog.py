@@ -253,10 +253,12 @@ def dataset_codec(m: L.Manifest | None, given, where: str):
 
     if m is None or not m.codec:
         return given.pinned()
-    codec = dict(m.codec)
-    if m.codec_fingerprint and not codec.get("vae") and not codec.get("baseline"):
-        from codec.registry import backbone_for_fingerprint
+    from codec.registry import backbone_for_fingerprint, lookup
 
+    codec = dict(m.codec)
+    named = codec.get("backbone")
+    if (m.codec_fingerprint and named and lookup(named) is not None and not codec.get("vae")
+            and not codec.get("baseline")):
         builtin = backbone_for_fingerprint(m.codec_fingerprint[:16])
         if builtin is not None:
             codec["backbone"] = builtin.name

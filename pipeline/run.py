@@ -248,11 +248,14 @@ def _check_backbone_reachable(spec: CodecSpec, m: L.Manifest | None) -> None:
 
     if m is None or spec.baseline or not m.backbone.get("folder"):
         return
+    from codec.registry import lookup
+
     name = spec.resolved_backbone()
-    if not os.path.isdir(name):
+    if not os.path.isdir(name) and lookup(name) is None:
         fp = (m.codec_fingerprint or "")[:16]
-        raise ValueError(f"the dataset was written with the backbone folder '{m.backbone['folder']}' ({name}, "
-                         f"fingerprint {fp}), which is not there now: pass --backbone DIR with that folder")
+        raise ValueError(f"the dataset was written with the backbone folder '{m.backbone['folder']}' "
+                         f"({m.backbone.get('name')}, fingerprint {fp}), which is not there now: pass --backbone DIR "
+                         f"with that folder")
 
 
 def _manifest(kind: str, cat: Catalog, spec: CodecSpec, cfg: JobConfig, run: dict, fingerprint: str | None,

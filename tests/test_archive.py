@@ -233,10 +233,10 @@ def test_two_concurrent_cli_runs_exactly_one_proceeds(tmp_path):
 
 # ---------------------------------------------------------------- the dataset names its codec
 def test_decompress_and_decode_with_no_codec_flags_saved_folder_backbone(tmp_path):
-    from codec import load_backbone
+    from codec.backbone import Backbone
 
     folder = tmp_path / "my-backbone"
-    load_backbone("tiny").save_pretrained(folder)
+    Backbone.tiny(seed=1).save_pretrained(folder)  # weights of its own (not the built-in tiny's)
     src, dst, out = tmp_path / "src", tmp_path / "dst", tmp_path / "out"
     write(src, ["p.png", "q.png"])
     compress(JobConfig(src=str(src), dst=str(dst), codec={"backbone": str(folder), "t": 80, "threads": 1}), **quiet)
@@ -292,7 +292,7 @@ def test_help_imports_neither_torch_nor_ray(tmp_path, job):
 
     if job.replace("-", "_") not in job_names():
         pytest.skip(f"no {job} job in this build")
-    code = (f"import sys\nfrom jobs.cli import main\ntry:\n    main([{job.replace('-', '_')!r}, '--help'])\n"
+    code = (f"import sys\nfrom jobs.cli import main\ntry:\n    main([{job!r}, '--help'])\n"
             f"except SystemExit:\n    pass\nprint('MODULES', 'torch' in sys.modules, 'ray' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=120)
