@@ -32,9 +32,11 @@ BITSTREAM_SCHEMA = pa.schema([
     pa.field("error", pa.string()),                        # null when ok; one clear line when failed
 ])
 
-# WebDataset inputs: the other members of an image's key (extension -> bytes, byte for byte).
-# Written in every layout-2 part (null for other inputs), so a dataset's parts agree on it.
-SIDECARS_FIELD = pa.field("sidecars", pa.map_(pa.string(), pa.binary()))
+# WebDataset inputs: the other members of an image's key, byte for byte, as a list of
+# {ext, data} (e.g. ext "json", "txt", "cls"; a list of structs, which every reader — HF
+# datasets included — understands, unlike an Arrow map). Written in every layout-2 part (null
+# for other inputs), so a dataset's parts agree on it.
+SIDECARS_FIELD = pa.field("sidecars", pa.list_(pa.struct([("ext", pa.string()), ("data", pa.binary())])))
 
 
 def carried_name(column: str) -> str:

@@ -224,7 +224,7 @@ def _iter_tar(url: str, prefix: str, opts, only_keys) -> Iterator[dict]:
 
     def flush() -> Iterator[dict]:
         nonlocal n
-        side = [(wds_key(nm)[1], data) for nm, data in group if kind_of(nm) != "files"]
+        side = [{"ext": wds_key(nm)[1], "data": data} for nm, data in group if kind_of(nm) != "files"]
         for nm, data in group:
             if kind_of(nm) != "files":
                 continue

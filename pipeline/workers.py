@@ -316,7 +316,8 @@ class ShardDecoder:
             for r in sorted((r for r in rows if r.get("status") == STATUS_OK), key=lambda r: r["key"]):
                 name = r["image"]["path"]
                 base = name[: -len(self.image_format) - 1]
-                members = [(name, r["image"]["bytes"])] + sorted((f"{base}.{ext}", data) for ext, data in r.get("sidecars") or [])
+                members = [(name, r["image"]["bytes"])] + sorted((f"{base}.{sc['ext']}", sc["data"])
+                                                                 for sc in r.get("sidecars") or [])
                 for mname, data in members:
                     info = tarfile.TarInfo(mname)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
