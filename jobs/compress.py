@@ -37,7 +37,8 @@ def run_dataset_job(args: argparse.Namespace, which: str) -> int:
     from pipeline import run as pr
 
     extra = ({"image_column": args.image_column, "shard_size": args.shard_size, "mode": args.mode,
-              "keep_columns": args.keep_columns.split(",") if args.keep_columns is not None else None}
+              "keep_columns": [c for c in args.keep_columns.split(",") if c] if args.keep_columns is not None else None,
+              "dedupe": args.dedupe}
              if which == "compress" else {"format": args.format, "image_format": args.image_format})
     cfg, opts = job_config(args, **extra)
     print("config: " + json.dumps({**cfg.public(), "ray_address": args.ray_address}, sort_keys=True), flush=True)
@@ -68,6 +69,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="what to do when sources changed since the last run: extend (default, safe) adds new sources "
                         "and keeps the rows of vanished or changed ones; sync also drops the rows of vanished sources "
                         "and recompresses changed ones (detected by size/mtime/ETag, confirmed by hash)")
+    p.add_argument("--dedupe", action="store_true",
+                   help="store one bitstream per distinct source content (sha256); later copies refer to the first "
+                        "(decompress writes every key). Without it, duplicates are only counted")
     add_dataset_job_args(p)
     add_codec_options(p, encode=True, decode=False)
     return p

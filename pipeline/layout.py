@@ -135,6 +135,9 @@ class CommitRecord:
     codec_fingerprint: str | None = None
     entries: list[Entry] = field(default_factory=list)
     supersedes: list[str] = field(default_factory=list)  # shards whose rows this one replaces
+    depends_on: list[str] = field(default_factory=list)  # shards holding rows this one's references point to
+    duplicates: int = 0  # rows whose source bytes another row already has (stored as references with --dedupe)
+    refs: int = 0  # rows stored as references (no bitstream of their own)
     failures: list[dict] = field(default_factory=list)  # [{key, error}] of failed rows
     errors: dict[str, int] = field(default_factory=dict)  # failed rows per error class
     run_id: str | None = None
@@ -146,6 +149,7 @@ class CommitRecord:
              "ok": (int, False), "failed": (int, False), "skipped": (int, False), "input_bytes": (int, False),
              "output_bytes": (int, False), "bpp_sum": (NUM, False), "pixels": (int, False),
              "codec_fingerprint": (str, False), "entries": (list, False), "supersedes": (list, False),
+             "depends_on": (list, False), "duplicates": (int, False), "refs": (int, False),
              "failures": (list, False), "errors": (dict, False), "run_id": (str, False), "writer": (str, False),
              "committed_at": (str, False), "source_file": (str, False)}
 

@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+import pyarrow.compute as pc
+
 from codec.spec import CodecSpec, backbone_origin
 
 from . import layout as L
 from .catalog import Books, Catalog, dataset_codec, fold, part_record
+from .dedupe import Claims
 from .lease import acquire
 from .plan import plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
@@ -58,6 +61,7 @@ class JobConfig:
     format: str = "files"  # decompress: image files under DST | webdataset tar shards | parquet (png = files)
     image_format: str = "png"  # decompress: png | webp | jpg
     keep_columns: list[str] | None = None  # compress, Parquet inputs: the columns carried over (None: all)
+    dedupe: bool = False  # compress: one bitstream per distinct source sha256 (later rows refer to the first)
     actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
     lease_ttl_s: float = 600.0
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
@@ -155,9 +159,12 @@ def pool_plan(cfg: JobConfig, n_items: int) -> dict:
 
 def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfig, use_ray: bool,
                 start_ray: Callable[[], None] | None, on_record: Callable[[L.CommitRecord], None],
-                bar: ProgressBar, info: dict) -> None:
-    """Run one worker call per item (inline or on a Ray actor pool); hand each record to on_record."""
+                bar: ProgressBar, info: dict, shared: dict | None = None) -> None:
+    """Run one worker call per item (inline or on a Ray actor pool); hand each record to on_record.
+    `shared` objects (e.g. dedupe.Claims) are passed to every worker: as they are inline, as one
+    tiny Ray actor each on Ray."""
     if not use_ray:
+        kwargs = {**kwargs, **(shared or {})}
         done = [0]
 
         def count(n: int) -> None:
@@ -176,6 +183,9 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
     plan = pool_plan(cfg, len(items))
     info["pool"] = plan
     counter = ray.remote(num_cpus=0)(Progress).remote()
+    # each shared object becomes one actor, built from the same constructor arguments
+    kwargs = {**kwargs, **{k: ray.remote(num_cpus=0)(type(v)).remote(*v.init_args())
+                           for k, v in (shared or {}).items()}}
     stop = threading.Event()
 
     def poll() -> None:
@@ -226,7 +236,7 @@ def reconcile(books: Books, cat: Catalog, echo: Callable[[str], None]) -> dict:
         path = books.path(name)
         rec = part_record(books.fs, path)
         ok = (rec is not None and rec.shard == sid and rec.file == name and
-              all(s in cat.shards for s in rec.supersedes) and
+              all(s in cat.shards for s in rec.supersedes) and all(d in cat.shards for d in rec.depends_on) and
               all(live_entries.get(e.entry) in (None, *rec.supersedes) for e in rec.entries))
         if ok:
             books.commit(rec)
@@ -300,15 +310,21 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
         stats = _Run()
         for rec in plan.records:  # settled without a worker (rows dropped, new change tokens)
             _commit(books, cat, rec, stats)
+        for w in plan.work:  # a rewritten shard keeps the references of the rows it carries
+            w["carry_depends_on"] = sorted({d for s in w.get("supersedes") or [] if s in cat.shards
+                                            for d in cat.shards[s].depends_on})
         bar = ProgressBar(plan.n_images, "compress", progress, echo)
         kwargs = {"spec": spec.to_dict(), "dst": cfg.dst, "opts": opts, "image_column": cfg.image_column,
-                  "run_id": run_id, "io_threads": cfg.io_threads, "keep_columns": cfg.keep_columns}
+                  "run_id": run_id, "io_threads": cfg.io_threads, "keep_columns": cfg.keep_columns,
+                  "dedupe": cfg.dedupe}
         info: dict = {}
         rate = Throughput()
+        gate = _Gate(lambda rec: (_commit(books, cat, rec, stats), rate.add(rec.rows)), cat)
+        shared = {"claims": Claims(_owners(books, cat) if cfg.dedupe else None)}
         try:
             if plan.work:
-                run_workers(plan.work, ShardEncoder, kwargs, cfg, use_ray, start_ray,
-                            lambda rec: (_commit(books, cat, rec, stats), rate.add(rec.rows)), bar, info)
+                run_workers(plan.work, ShardEncoder, kwargs, cfg, use_ray, start_ray, gate.add, bar, info, shared)
+                gate.finish()
         finally:
             bar.close()
         wall = time.perf_counter() - rate.t0
@@ -323,6 +339,58 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
     print_summary("compressed", run, tot, stats.failures, cfg.dst, echo)
     run["total_seconds"] = time.perf_counter() - t0
     return {"run": run, "totals": tot, "manifest": manifest.to_dict()}
+
+
+class _Gate:
+    """Commits records as they arrive, except one whose references point into shards not yet
+    committed (--dedupe): it waits for them. At the end of a run every waiting record whose
+    shards all arrived is committed (references may go both ways between shards of one run)."""
+
+    def __init__(self, commit: Callable[[L.CommitRecord], None], cat: Catalog) -> None:
+        self.commit, self.cat, self.waiting = commit, cat, []
+
+    def add(self, rec: L.CommitRecord) -> None:
+        if all(d in self.cat.shards for d in rec.depends_on):
+            self.commit(rec)
+            self._flush(set())
+        else:
+            self.waiting.append(rec)
+
+    def _flush(self, also: set[str]) -> None:
+        progress = True
+        while progress and self.waiting:
+            progress = False
+            for rec in list(self.waiting):
+                if all(d in self.cat.shards or d in also for d in rec.depends_on):
+                    self.waiting.remove(rec)
+                    self.commit(rec)
+                    progress = True
+
+    def finish(self) -> None:
+        arrived = {r.shard for r in self.waiting}
+        while True:  # drop records that wait on a shard that never arrived, then commit the rest
+            bad = [r for r in self.waiting if not all(d in self.cat.shards or d in arrived for d in r.depends_on)]
+            if not bad:
+                break
+            for r in bad:
+                self.waiting.remove(r)
+                arrived.discard(r.shard)
+        self._flush(arrived)
+
+
+def _owners(books: Books, cat: Catalog) -> dict[str, tuple[str, str]]:
+    """sha256 -> (key, shard) of every stored bitstream in the dataset (what --dedupe refers to)."""
+    out: dict[str, tuple[str, str]] = {}
+    for sid, rec in sorted(cat.shards.items()):
+        if not rec.file:
+            continue
+        t = books.read_columns(books.path(rec.file))
+        refs = t.column("ref_key").to_pylist() if "ref_key" in t.column_names else [None] * t.num_rows
+        for key, sha, st, ref, bs in zip(t.column("key").to_pylist(), t.column("source_sha256").to_pylist(),
+                                          t.column("status").to_pylist(), refs, t.column("n_bytes").to_pylist()):
+            if sha and st == "ok" and ref is None and bs:
+                out.setdefault(sha, (key, sid))
+    return out
 
 
 def _sha(url: str, opts) -> str | None:
@@ -341,12 +409,15 @@ class _Run:
         self.errors: dict[str, int] = {}
         self.workers: dict[str, dict] = {}
         self.fingerprint: str | None = None
+        self.duplicates = self.refs = 0
 
     def add(self, rec: L.CommitRecord, new_rows: int | None = None) -> None:
         self.c["shards"] += 1
         for k in ("rows", "ok", "failed", "skipped", "input_bytes", "output_bytes"):
             self.c[k] += getattr(rec, k)
         self.bpp_sum += rec.bpp_sum
+        self.duplicates += rec.duplicates
+        self.refs += rec.refs
         self.failures.extend((f["key"], f.get("error")) for f in rec.failures)
         for k, v in rec.errors.items():
             self.errors[k] = self.errors.get(k, 0) + v
@@ -362,18 +433,33 @@ class _Run:
                 "mean_bpp": self.bpp_sum / c["ok"] if c["ok"] else None, "seconds": round(wall, 3),
                 "images_per_s": c["rows"] / wall if wall > 0 and c["rows"] else None, **rate.stats(),
                 "found": found, "reconciled": recon, "errors": dict(sorted(self.errors.items())),
+                "duplicates": self.duplicates, "references": self.refs,
+                "bytes_saved": round(self.refs * c["output_bytes"] / max(1, c["ok"] - self.refs)) if self.refs else 0,
                 "workers": self.workers, "pool": info.get("pool"),
                 "failures": [{"key": k, "error": e} for k, e in self.failures[:100]]}
 
 
 def _commit(books: Books, cat: Catalog, rec: L.CommitRecord, stats: _Run) -> None:
-    """Append a record to the commit log, fold it, then remove the parts it superseded."""
+    """Append a record to the commit log, fold it, then remove the parts it superseded. Shards
+    whose references pointed into a superseded shard now point to its successor."""
     books.commit(rec)
     gone = [cat.shards[s].file for s in rec.supersedes if s in cat.shards and cat.shards[s].file]
     fold(cat, [rec])
     cat.loose.append(books.path(f"{L.COMMITS}/{rec.shard}.json"))
+    if rec.supersedes:
+        old = set(rec.supersedes)
+        for t in [t for t in cat.shards.values() if t.shard != rec.shard and old & set(t.depends_on)]:
+            ents = cat.entries.filter(pc.equal(cat.entries.column("shard"), t.shard)).drop_columns(["shard"])
+            moved = L.CommitRecord.from_dict({**t.to_dict(), "committed_at": _now_us(), "entries": ents.to_pylist(),
+                                              "depends_on": sorted((set(t.depends_on) - old) | {rec.shard})})
+            books.commit(moved)
+            fold(cat, [moved])
     books.remove([books.path(f) for f in gone if f != rec.file])
     stats.add(rec)
+
+
+def _now_us() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def print_summary(verb: str, run: dict, tot: dict, failures: list, dst: str, echo) -> None:
@@ -391,6 +477,11 @@ def print_summary(verb: str, run: dict, tot: dict, failures: list, dst: str, ech
          + (f", {tot['skipped']} skipped)" if tot.get("skipped") else ")"))
     if run.get("errors"):
         echo("errors: " + ", ".join(f"{k}: {v}" for k, v in run["errors"].items()))
+    if run.get("references"):
+        echo(f"duplicates: {run['duplicates']} exact duplicates, {run['references']} stored as references "
+             f"(about {mb(run['bytes_saved'])} of bitstreams not stored)")
+    elif run.get("duplicates"):
+        echo(f"duplicates: {run['duplicates']} exact duplicates found, stored as they are (--dedupe stores each once)")
     for k, e in failures[:5]:
         echo(f"  failed: {k}: {e}")
     if len(failures) > 5:
@@ -425,6 +516,9 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
             books.migrate_v1(cat)
         recon = {"temp_files": books.clean_tmp()}
         plan = plan_decompress(source, cat, lambda f: full_url(sfs, join(sroot, f)), cfg.retry_failed, cfg.max_shards)
+        for w in plan.work:  # --dedupe references: the parts holding the bitstreams they refer to
+            w["deps"] = [full_url(sfs, join(sroot, source.shards[d].file)) for d in source.shards[w["shard"]].depends_on
+                         if d in source.shards and source.shards[d].file]
         echo(f"{len(source.shards)} shards in {cfg.src}; {plan.found['decoded']} already decoded, "
              f"{len(plan.work)} to do")
         stats = _Run()

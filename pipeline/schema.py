@@ -39,10 +39,15 @@ BITSTREAM_SCHEMA = pa.schema([
 SIDECARS_FIELD = pa.field("sidecars", pa.list_(pa.struct([("ext", pa.string()), ("data", pa.binary())])))
 
 
+# --dedupe: a row whose source bytes equal an earlier row's stores no bitstream, only that
+# row's key (decompress decodes the referenced bitstream). Null in every other row.
+REF_KEY_FIELD = pa.field("ref_key", pa.string())
+
+
 def carried_name(column: str) -> str:
     """The name a Parquet input's column gets in the bitstream dataset: its own, or
     `source_<name>` where it would clash with one of ours (e.g. a `key` or `status` column)."""
-    ours = set(BITSTREAM_SCHEMA.names) | {SIDECARS_FIELD.name} | set(DECODED_SCHEMA_NAMES)
+    ours = set(BITSTREAM_SCHEMA.names) | {SIDECARS_FIELD.name, REF_KEY_FIELD.name} | set(DECODED_SCHEMA_NAMES)
     return f"source_{column}" if column in ours else column
 
 

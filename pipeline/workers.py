@@ -25,14 +25,16 @@ import pyarrow.parquet as pq
 from . import layout as L
 from .actors import DecodeActor, EncodeActor, worker_id
 from .rows import error_class, finish_decoded, one_line
-from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED,
-                     carried_name, hf_features_metadata, parquet_write_kwargs)
+from .dedupe import ENCODE, SELF, call
+from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, REF_KEY_FIELD, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK,
+                     STATUS_SKIPPED, carried_name, hf_features_metadata, parquet_write_kwargs)
 from .sources import Shard, read_shard
 from .storage import StorageOptions, get_fs, join, write_atomic, write_parquet_atomic
 from .transform import decode_source
 
 BITSTREAM_READ_COLUMNS = ["key", "bitstream", "bitstream_sha256", "width", "height", "status", "error"]
-PART_SCHEMA = pa.schema(list(BITSTREAM_SCHEMA) + [SIDECARS_FIELD])  # every layout-2 part; Parquet inputs add their columns
+# every layout-2 part; Parquet inputs add their own columns after these
+PART_SCHEMA = pa.schema(list(BITSTREAM_SCHEMA) + [SIDECARS_FIELD, REF_KEY_FIELD])
 PREFETCH_CHUNKS = 2  # chunks read and decoded ahead of the model
 
 
@@ -119,8 +121,9 @@ class ShardEncoder:
 
     def __init__(self, spec, dst: str, opts: StorageOptions | None = None, image_column: str | None = None,
                  run_id: str | None = None, progress=None, io_threads: int = 4,
-                 keep_columns: list[str] | None = None) -> None:
+                 keep_columns: list[str] | None = None, claims=None, dedupe: bool = False) -> None:
         self.engine = EncodeActor(spec)
+        self.claims, self.dedupe = claims, dedupe
         self.fs, self.root = get_fs(dst, opts)
         self.opts, self.image_column, self.run_id, self.progress = opts, image_column, run_id, progress
         self.keep_columns = keep_columns
@@ -149,13 +152,55 @@ class ShardEncoder:
         parts = [self._carried(item["carry"])] if item.get("carry") else []
         chunks = (read_shard(shard, self.opts, only_keys=only, image_column=self.image_column,
                              keep_columns=self.keep_columns) if (enc or item["kind"] != "files") else [])
+        self.deps, self.dups = set(), 0
         for rows in prefetch(iter(chunks), self._decode):
-            out = self.engine.encode_rows(rows)
+            out = self._encode_chunk(rows, item["shard"])
             parts.append(self._with_carried_columns(rows, out))
             _report(self.progress, len(out))
         table = (pa.concat_tables(parts, promote_options="permissive").sort_by("key") if parts
                  else PART_SCHEMA.empty_table())
         return self._finish(item, table)
+
+    def _encode_chunk(self, rows: list[dict], shard: str) -> list[dict]:
+        """Encode a chunk; with claims, inputs whose content another row has are counted, and with
+        --dedupe stored as references to it (pipeline/dedupe.py)."""
+        if self.claims is None:
+            return self.engine.encode_rows(rows)
+        first, follows = {}, {}
+        for i, r in enumerate(rows):
+            if r.get("source_sha256") and r.get("image") is not None:
+                if r["source_sha256"] in first:
+                    follows[i] = first[r["source_sha256"]]
+                else:
+                    first[r["source_sha256"]] = i
+        leaders = list(first.values())
+        answers = call(self.claims, "claim", [(rows[i]["source_sha256"], rows[i]["key"]) for i in leaders], shard)
+        ref = {i: tuple(a) for i, a in zip(leaders, answers) if isinstance(a, list)}
+        self.dups += len(ref) + len(follows) + sum(a == ENCODE for a in answers)
+        skip = set(ref) | set(follows) if self.dedupe else set()
+        todo = [i for i in range(len(rows)) if i not in skip]
+        out: list = [None] * len(rows)
+        for i, o in zip(todo, self.engine.encode_rows([rows[i] for i in todo])):
+            out[i] = o
+        call(self.claims, "confirm", [(rows[i]["source_sha256"], rows[i]["key"], shard, out[i]["status"] == STATUS_OK)
+                                      for i, a in zip(leaders, answers) if a == SELF])
+        for i in sorted(skip):
+            lead = follows.get(i)
+            if lead is not None and lead not in ref and out[lead]["status"] != STATUS_OK:
+                out[i] = {**out[lead], "key": rows[i]["key"], "source_uri": rows[i]["source_uri"]}  # same bytes, same failure
+                continue
+            owner = ref.get(i) or ref.get(lead) or (rows[lead]["key"], shard)
+            if owner[1] != shard:
+                self.deps.add(owner[1])
+            out[i] = self._reference(rows[i], owner[0])
+        return out
+
+    def _reference(self, r: dict, owner: str) -> dict:
+        h, w = r["image"].pixels.shape[:2]
+        return {"key": r["key"], "source_uri": r.get("source_uri"), "source_sha256": r["source_sha256"], "width": w,
+                "height": h, "bitstream": None, "bitstream_sha256": None, "n_bytes": 0, "bpp": 0.0, "t": None,
+                "codec_fingerprint": self.engine.fingerprint, "codec_version": self.engine.version,
+                "status": STATUS_OK, "error": None, "ref_key": owner, "_source_bytes": r.get("_source_bytes")}
 
     @staticmethod
     def _with_carried_columns(rows: list[dict], out: list[dict]) -> pa.Table:
@@ -197,8 +242,12 @@ class ShardEncoder:
         else:
             key, _url, size, token = item["container"]
             entries = [L.Entry(key, size, token, None, st["failed"])]
+        refs = int(pc.sum(pc.is_valid(table.column("ref_key"))).as_py() or 0) if "ref_key" in table.column_names else 0
+        old_deps = set(item.get("carry_depends_on") or [])
         rec = L.CommitRecord(shard=item["shard"], file=L.part_name(item["shard"]) if table.num_rows else None,
                              kind=item["kind"], entries=entries, supersedes=list(item.get("supersedes") or []),
+                             depends_on=sorted((getattr(self, "deps", set()) | old_deps) - {item["shard"]}),
+                             duplicates=getattr(self, "dups", 0), refs=refs,
                              run_id=self.run_id, writer=self.writer, committed_at=now(),
                              input_bytes=int(item.get("carry_input_bytes") or 0) + sum(e[2] for e in item.get("encode") or []) +
                              (item["container"][2] if item["kind"] != "files" else 0), **st)
@@ -239,7 +288,7 @@ class ShardDecoder:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             carried = [n for n in pf.schema_arrow.names if n not in BITSTREAM_SCHEMA.names]
-            extra = pa.schema([pf.schema_arrow.field(n) for n in carried])
+            extra = pa.schema([pf.schema_arrow.field(n) for n in carried if n != REF_KEY_FIELD.name])
             for rb in pf.iter_batches(batch_size=self.chunk_rows, columns=BITSTREAM_READ_COLUMNS + carried):
                 rows = [r for r in rb.to_pylist() if only is None or r["key"] in only]
                 if rows:
@@ -268,13 +317,39 @@ class ShardDecoder:
         fs = self.fs if self.fmt == "files" else None
         return finish_decoded(r, arr, gray, dest, fs, self.root, self.image_format)
 
+    def _resolve_references(self, item: dict, rows: list[dict]) -> None:
+        """--dedupe rows hold no bitstream, only the key of the row that has it (in this part or
+        a part it depends on): decode that bitstream for them."""
+        want = {r["ref_key"] for r in rows if r.get("ref_key")}
+        if not want:
+            return
+        found: dict[str, dict] = {}
+        for url in [item["url"], *item.get("deps", [])]:
+            fs, path = get_fs(url, self.opts)
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=["key", "bitstream", "bitstream_sha256"],
+                                  filters=[("key", "in", sorted(want - set(found)))])
+            found.update({r["key"]: r for r in t.to_pylist() if r["bitstream"] is not None})
+            if want <= set(found):
+                break
+        for r in rows:
+            if r.get("ref_key"):
+                o = found.get(r["ref_key"])
+                if o is None:
+                    r.update(status=STATUS_FAILED, error=f"refers to {r['ref_key']}, which holds no bitstream")
+                else:
+                    r.update(bitstream=o["bitstream"], bitstream_sha256=o["bitstream_sha256"])
+
     def run(self, item: dict) -> L.CommitRecord:
         out, in_bytes, extra, taken = [], 0, pa.schema([]), {}
         for rows, extra in self._chunks(item):
+            self._resolve_references(item, rows)
             decoded = self.engine.decode_rows(rows)
             for r, d in zip(rows, decoded):
+                if r.get("status") == STATUS_FAILED and r.get("ref_key") and d.get("status") == STATUS_SKIPPED:
+                    d.update(status=STATUS_FAILED, error=r["error"])
                 for k, v in r.items():  # what travels with the image
-                    if k not in BITSTREAM_SCHEMA.names:
+                    if k not in BITSTREAM_SCHEMA.names and k != REF_KEY_FIELD.name:
                         d[k] = v
                 if d.get("status") in (STATUS_FAILED, STATUS_SKIPPED) or "pixels" not in d:
                     continue

@@ -129,3 +129,52 @@ def test_decompress_image_format_and_colliding_output_names(tmp_path):
     assert sorted(p.name for p in out.glob("*.webp")) == ["x.jpg.webp", "y.png.webp"]
     assert Image.open(out / "y.png.webp").format == "WEBP" and Image.open(out / "y.png.webp").size == (40, 16)
     assert st.get_fs(str(out))[0].exists(str(out / "__fcodec__" / "manifest.json"))
+
+
+def test_dedupe_stores_each_content_once_and_decompress_restores_every_key(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    uniques = [encoded(40 + i, 24, 24 + 8 * (i % 3)) for i in range(14)]
+    for i, b in enumerate(uniques):
+        (src / f"u{i:02d}.png").write_bytes(b)
+    for j, i in enumerate((0, 3, 3, 7, 12, 13)):  # 6 copies = 30% of 20 files, spread over other shards
+        (src / f"z{j}.png").write_bytes(uniques[i])
+    (src / "bad1.png").write_bytes(b"broken")
+    (src / "bad2.png").write_bytes(b"broken")  # a duplicate of a bad input fails the same way
+    plain, dd = tmp_path / "plain", tmp_path / "dedup"
+    rp = compress(JobConfig(src=str(src), dst=str(plain), codec=SPEC, shard_size=5), **quiet)
+    assert rp["run"]["duplicates"] == 6 and rp["run"]["references"] == 0  # counted, stored as they are
+    rd = compress(JobConfig(src=str(src), dst=str(dd), codec=SPEC, shard_size=5, dedupe=True), **quiet)
+    assert rd["run"]["references"] == 6 and rd["totals"]["ok"] == 20 and rd["totals"]["failed"] == 2
+    p = {r["key"]: r for r in read_dataset(str(plain)).to_pylist()}
+    d = {r["key"]: r for r in read_dataset(str(dd)).to_pylist()}
+    copies = [k for k in p if k.startswith("z")]
+    assert all(d[k]["bitstream"] is None and d[k]["ref_key"].startswith("u") for k in copies)
+    assert rd["totals"]["output_bytes"] == rp["totals"]["output_bytes"] - sum(p[k]["n_bytes"] for k in copies)
+    assert rd["run"]["bytes_saved"] > 0
+
+    out = tmp_path / "out"
+    res = decompress(JobConfig(src=str(dd), dst=str(out)), **quiet)
+    assert res["run"]["ok"] == 20 and res["run"]["skipped"] == 2
+    ref_out = tmp_path / "ref_out"
+    decompress(JobConfig(src=str(plain), dst=str(ref_out)), **quiet)
+    for k in p:
+        if p[k]["status"] == "ok":  # every key restored, copies exactly like their originals
+            assert (out / f"{k}").read_bytes() == (ref_out / f"{k}").read_bytes()
+
+    # resume and --retry-failed with references: a fixed input that duplicates a stored one
+    again = compress(JobConfig(src=str(src), dst=str(dd), codec=SPEC, shard_size=5, dedupe=True), **quiet)
+    assert again["run"]["rows"] == 0
+    (src / "bad1.png").write_bytes(uniques[5])
+    r = compress(JobConfig(src=str(src), dst=str(dd), codec=SPEC, shard_size=5, dedupe=True, retry_failed=True), **quiet)
+    assert r["run"]["references"] >= 1
+    rows = {x["key"]: x for x in read_dataset(str(dd)).to_pylist()}
+    assert rows["bad1.png"]["ref_key"] == "u05.png" and rows["bad2.png"]["status"] == "failed"
+    res = decompress(JobConfig(src=str(dd), dst=str(tmp_path / "out2")), **quiet)
+    assert res["run"]["ok"] == 21, res["run"]["failures"]
+    assert (tmp_path / "out2" / "bad1.png").read_bytes() == (ref_out / "u05.png").read_bytes()
+    # the key index still knows every key (a shard whose references moved was re-committed whole)
+    from pipeline.catalog import Books
+
+    cat = Books(*st.get_fs(str(dd))).read()
+    assert sorted(cat.entries.column("entry").to_pylist()) == sorted(rows)
