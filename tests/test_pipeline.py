@@ -311,7 +311,7 @@ def test_compress_resume_kill_states_and_retry_failed(tmp_path):
     import pandas as pd
 
     df = pd.read_parquet(dst)  # plain readers see only complete part files (not __fcodec__/)
-    assert len(df) == 13 and list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars"]
+    assert len(df) == 13 and list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars", "ref_key"]
 
     # A rerun has nothing to do.
     r4 = compress(cfg, use_ray=False, progress=False, echo=lambda s: None)
@@ -387,7 +387,7 @@ def test_compress_decompress_s3_with_ray(tmp_path, s3_server, s3_bucket, ray_loc
     assert int(writer.split(":")[2]) != os.getpid() and res["run"]["workers"][writer]["shards"] == res["run"]["shards"] > 1
 
     df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
-    assert list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars"] and len(df) == len(expected) + len(bad)
+    assert list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars", "ref_key"] and len(df) == len(expected) + len(bad)
     assert df["key"].is_unique and set(df.loc[df.status == "failed", "key"]) == set(bad)
     assert df.loc[df.status == "ok", "error"].isna().all()
     first = sorted(r.file for r in Books(fs, dst[5:]).read().shards.values())[0]

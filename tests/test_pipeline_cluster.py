@@ -54,7 +54,7 @@ def test_acceptance_200_images_and_kodak_via_s3(tmp_path, s3_server, s3_bucket, 
     assert sum(w["rows"] for w in res["run"]["workers"].values()) == res["totals"]["rows"]
 
     df = pd.read_parquet(dst, storage_options=s3_server["storage_options"])
-    assert list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars"]
+    assert list(df.columns) == [*BITSTREAM_SCHEMA.names, "sidecars", "ref_key"]
     assert len(df) == len(expected) + len(bad) and df["key"].is_unique
     failed = df[df.status == "failed"].set_index("key")["error"].to_dict()
     assert set(failed) == set(bad) and all(frag in failed[k] for k, frag in bad.items())
