@@ -105,6 +105,21 @@ def _names(types) -> str:
 NUM = (int, float)
 
 
+class _Record:
+    """A JSON-shaped record: `to_dict()`, and the checked fields of a dict (`_SPEC`)."""
+
+    _SPEC: dict = {}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def _known(cls, d: Any, where: str) -> dict:
+        _check(d, where, cls._SPEC)
+        names = {f.name for f in fields(cls)}
+        return {k: v for k, v in d.items() if k in names and v is not None}
+
+
 @dataclass
 class Entry:
     """One listing entry a shard holds: a file's key, or a container's key."""
@@ -117,7 +132,7 @@ class Entry:
 
 
 @dataclass
-class CommitRecord:
+class CommitRecord(_Record):
     """A shard's commit: what it holds and its stats. Written into the part's Parquet footer by
     the worker (so an orphan part can be adopted) and into `__fcodec__/commits/` by the driver."""
 
@@ -153,14 +168,9 @@ class CommitRecord:
              "failures": (list, False), "errors": (dict, False), "run_id": (str, False), "writer": (str, False),
              "committed_at": (str, False), "source_file": (str, False)}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: Any, where: str = "commit record") -> "CommitRecord":
-        _check(d, where, cls._SPEC)
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        kw = cls._known(d, where)
         ents = []
         for i, e in enumerate(kw.pop("entries", [])):
             _check(e, f"{where}: entries[{i}]", {"entry": (str, True), "size": (int, False), "token": (str, False),
@@ -187,7 +197,7 @@ class CommitRecord:
 
 
 @dataclass
-class Manifest:
+class Manifest(_Record):
     """`__fcodec__/manifest.json`: what a dataset is, the codec that wrote it, totals."""
 
     kind: str
@@ -211,14 +221,9 @@ class Manifest:
              "updated_at": (str, False), "totals": (dict, False), "complete": (bool, False), "source": (str, False),
              "format": ((str, int), False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False)}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
-        _check(d, where, cls._SPEC)
-        known = {f.name for f in fields(cls)}
-        m = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        m = cls(**cls._known(d, where))
         if m.layout == 1 or "layout" not in d:  # release 0.1.0: codec options under config.codec
             m.layout = 1
             cfg = d.get("config") if isinstance(d.get("config"), dict) else {}

@@ -13,6 +13,7 @@ Ray is started (through `start_ray`) only when there is work to do.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -22,7 +23,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow.compute as pc
 
@@ -223,6 +224,18 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
 
 
 # ---------------------------------------------------------------- books
+@contextlib.contextmanager
+def writing(fs, root: str, ttl_s: float) -> Iterator[tuple[Books, Catalog, str]]:
+    """Hold the dataset's lease; yields its books, their state (layout-1 books moved to layout
+    2 first) and a new run id."""
+    with acquire(fs, root, ttl_s):
+        books = Books(fs, root)
+        cat = books.read()
+        if cat.layout == 1:
+            books.migrate_v1(cat)
+        yield books, cat, new_run_id()
+
+
 def reconcile(books: Books, cat: Catalog, echo: Callable[[str], None]) -> dict:
     """Settle what a killed run left: temp files removed; a part without a commit record is
     adopted when its embedded record is valid and none of its keys live in another shard, else
@@ -291,12 +304,7 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
     listing = [x for x in listing if not x[1].startswith(inside)]  # DST inside SRC: never read our own output
     if not listing:
         raise ValueError(f"no images, tar shards or Parquet files under {cfg.src} ({ignored} other files ignored)")
-    books = Books(fs, root)
-    run_id = new_run_id()
-    with acquire(fs, root, cfg.lease_ttl_s):
-        cat = books.read()
-        if cat.layout == 1:
-            books.migrate_v1(cat)
+    with writing(fs, root, cfg.lease_ttl_s) as (books, cat, run_id):
         recon = reconcile(books, cat, echo)
         spec = dataset_codec(cat.manifest, CodecSpec.from_dict(cfg.codec), cfg.dst)
         if cat.manifest and cat.manifest.kind != L.BITSTREAM_KIND:
@@ -508,12 +516,7 @@ def decompress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool
     spec = dataset_codec(source.manifest, CodecSpec.from_dict(cfg.codec), cfg.src)
     _check_backbone_reachable(spec, source.manifest)
     expect = source.manifest.codec_fingerprint if source.manifest else None
-    books = Books(dfs, droot)
-    run_id = new_run_id()
-    with acquire(dfs, droot, cfg.lease_ttl_s):
-        cat = books.read()
-        if cat.layout == 1:
-            books.migrate_v1(cat)
+    with writing(dfs, droot, cfg.lease_ttl_s) as (books, cat, run_id):
         recon = {"temp_files": books.clean_tmp()}
         plan = plan_decompress(source, cat, lambda f: full_url(sfs, join(sroot, f)), cfg.retry_failed, cfg.max_shards)
         for w in plan.work:  # --dedupe references: the parts holding the bitstreams they refer to
