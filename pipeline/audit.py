@@ -1,10 +1,12 @@
 """Quality audit of a bitstream dataset against its originals, on Ray.
 
-Driver: list the originals (key -> URL), list the committed Parquet parts of the bitstream
-dataset, hand one part at a time to a pool of `AuditWorker` actors. Each actor reads its part,
-pairs every row with its original (by key, else by the row's `source_uri`), decodes the batch,
+Driver: list the committed Parquet parts of the bitstream dataset (from its books) and hand one
+part at a time to a pool of `AuditWorker` actors. Each actor streams its part in small batches
+of the columns it needs, fetches every row's original by key (ORIGINALS/<key>, else the row's
+`source_uri`) when it measures it, decodes the batch,
 measures each image (`codec.metrics`) and folds HiFiC-patch features of originals and decodes
-into two `FeatureStats`. The driver collects per-image rows, asks every actor for its partial
+into two `FeatureStats`. The driver collects per-image metric rows (no pixels, no bitstreams),
+asks every actor for its partial
 statistics, merges them (sums and outer products; never all features in one place) and computes
 FID/KID. Failed rows (compression failed, original missing or changed, undecodable) are rows
 with status 'failed' and a one-line error; they never stop the audit.
@@ -18,7 +20,7 @@ import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -136,10 +138,16 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+AUDIT_COLUMNS = ("key", "source_uri", "source_sha256", "width", "height", "bitstream", "bitstream_sha256", "n_bytes",
+                 "bpp", "t", "status", "error", "ref_key")
+
+
 class AuditWorker:
     """One actor: a codec, the metrics, and partial FID/KID statistics of what it measured."""
 
-    def __init__(self, cfg: dict | AuditConfig, originals: dict[str, str], opts: StorageOptions | None = None) -> None:
+    def __init__(self, cfg: dict | AuditConfig, originals: str | dict[str, str], opts: StorageOptions | None = None) -> None:
+        """`originals`: the ORIGINALS folder / prefix (an image's original is ORIGINALS/<key>,
+        fetched when its row is measured: nothing is listed up front), or a key -> URL map."""
         import torch
 
         self.cfg = cfg if isinstance(cfg, AuditConfig) else AuditConfig(**cfg)
@@ -151,19 +159,34 @@ class AuditWorker:
         self.real, self.fake = self.m.new_stats(), self.m.new_stats()
 
     # -------------------------------------------------------------- inputs
-    def read_part(self, url: str) -> list[dict]:
-        """All rows of one Parquet part of the bitstream dataset."""
+    def read_part(self, url: str, batch_rows: int = 32, keys: set[str] | None = None) -> Iterator[list[dict]]:
+        """One Parquet part of the bitstream dataset, `batch_rows` rows at a time, only the
+        columns the audit needs (bounded memory whatever the part's size)."""
         import pyarrow.parquet as pq
 
         fs, path = get_fs(url, self.opts)
         with fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pylist()
+            pf = pq.ParquetFile(f)
+            cols = [c for c in AUDIT_COLUMNS if c in pf.schema_arrow.names]
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                rows = [r for r in rb.to_pylist() if keys is None or r["key"] in keys]
+                if rows:
+                    yield rows
+
+    def _original_url(self, row: dict) -> str | None:
+        if isinstance(self.originals, dict):
+            return self.originals.get(row["key"]) or row.get("source_uri")
+        from .storage import full_url
+
+        fs, root = get_fs(self.originals, self.opts)
+        path = join(root, row["key"])
+        return full_url(fs, path) if row["key"] and fs.exists(path) else row.get("source_uri")
 
     def _original(self, row: dict) -> np.ndarray:
-        """The row's original pixels: by key in ORIGINALS, else its source_uri; checks sha256 and size."""
+        """The row's original pixels: ORIGINALS/<key>, else its source_uri; checks sha256 and size."""
         from codec import load_image
 
-        url = self.originals.get(row["key"]) or row.get("source_uri")
+        url = self._original_url(row)
         if not url:
             raise FileNotFoundError(f"original of '{row['key']}' not found under ORIGINALS and the row has no source_uri")
         try:
@@ -187,8 +210,7 @@ class AuditWorker:
     # -------------------------------------------------------------- work
     def process_part(self, url: str) -> list[dict]:
         """Measure every row of one part; returns metrics rows (with `_part` for follow-ups)."""
-        rows = self.read_part(url)
-        out = [r for s in range(0, len(rows), 32) for r in self.process_rows(rows[s : s + 32])]  # bounded memory
+        out = [r for rows in self.read_part(url) for r in self.process_rows(rows)]
         for r in out:
             r["_part"] = url
         return out
@@ -201,6 +223,9 @@ class AuditWorker:
                     "setting": self.cfg.setting, "width": r.get("width"), "height": r.get("height"),
                     "n_bytes": r.get("n_bytes"), "bpp": r.get("bpp"), "t": r.get("t")}
             out.append(base)
+            if r.get("ref_key"):  # --dedupe: the same bytes as another key, measured there
+                base.update(status=STATUS_FAILED, error=f"not measured: a duplicate of {r['ref_key']}")
+                continue
             if r.get("status") != STATUS_OK or r.get("bitstream") is None:
                 base.update(status=STATUS_FAILED, error=f"compression had failed: {r.get('error') or 'no bitstream'}")
                 continue
@@ -217,7 +242,7 @@ class AuditWorker:
 
     def pairs(self, url: str, keys: list[str]) -> list[dict]:
         """(original, decoded) pixels of a few keys of one part, for the report's thumbnails."""
-        rows = [r for r in self.read_part(url) if r["key"] in set(keys)]
+        rows = [r for chunk in self.read_part(url, keys=set(keys)) for r in chunk]
         out = []
         for r in rows:
             try:
@@ -290,11 +315,10 @@ def run_audit(originals: str, bitstreams: str, out: str, cfg: AuditConfig, opts:
     from .raystart import init_ray
 
     parts = dataset_parts(bitstreams, opts)
-    orig_map = list_originals(originals, opts)
     init_ray(ray_address)  # local unless an address is given; an already connected Ray is kept
     Remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AuditWorker)
-    cfg_d, orig_ref = asdict(cfg), ray.put(orig_map)
-    actors = [Remote.remote(cfg_d, orig_ref, opts) for _ in range(max(1, min(workers, len(parts))))]
+    cfg_d = asdict(cfg)
+    actors = [Remote.remote(cfg_d, originals, opts) for _ in range(max(1, min(workers, len(parts))))]
     pool = ActorPool(actors)
     rows = [r for part_rows in pool.map_unordered(lambda a, p: a.process_part.remote(p), parts) for r in part_rows]
     real, fake, notes = merge_stats(ray.get([a.stats.remote() for a in actors]))
