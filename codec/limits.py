@@ -61,8 +61,8 @@ def check_encode_size(width: int, height: int, multiple: int, max_pixels: int = 
     if width < 1 or height < 1:
         raise DecodeBudgetError(f"image of {width}x{height} pixels is empty")
     if pw * ph > max_pixels:
-        raise DecodeBudgetError(f"image of {width}x{height} pixels is {pw}x{ph} once padded to multiples of "
-                                f"{multiple}, over the cap of {max_pixels} pixels")
+        raise DecodeBudgetError(f"image of {width}x{height} pixels exceeds the cap of {max_pixels} pixels once padded "
+                                f"to {pw}x{ph} (multiples of {multiple})")
     if max(pw, ph) // latent_factor > MAX_LATENT_SIDE:
         raise DecodeBudgetError(f"image of {width}x{height} pixels: a latent side over {MAX_LATENT_SIDE} "
                                 f"does not fit the format (at most {MAX_LATENT_SIDE * latent_factor} pixels a side)")

@@ -467,7 +467,13 @@ def test_decompress_with_wrong_codec_fails_rows_then_retry_failed_fixes_them(tmp
     good = make_images(src, 5)
     compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3), use_ray=False, progress=False, echo=lambda s: None)
     lines: list[str] = []
-    wrong = {**SPEC, "entropy": "hyperprior"}
+    import torch
+
+    from codec import CodecConfig, DiffusionCodec, load_backbone
+
+    torch.manual_seed(0)  # a hyperprior needs weights (load_codec refuses a random init): untrained ones
+    DiffusionCodec(load_backbone("tiny"), config=CodecConfig(entropy="hyperprior")).save_pretrained(tmp_path / "hp")
+    wrong = {**SPEC, "entropy": "hyperprior", "codec_weights": str(tmp_path / "hp")}
     r1 = decompress(JobConfig(src=str(dst), dst=str(out), codec=wrong), use_ray=False, progress=False, echo=lines.append)
     assert r1["run"]["failed"] == 5 and r1["run"]["ok"] == 0 and not list(out.rglob("*.png"))
     assert any("decoding needs the same options" in s for s in lines)  # the manifest's options are shown
