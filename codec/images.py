@@ -71,6 +71,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pad_multiple: 
     except Exception as e:  # PIL raises many types for bad data
         raise ImageError(f"not a readable image of an allowed format ({', '.join(ALLOWED_FORMATS)}): "
                          f"{type(e).__name__}: {_clean(e)}") from None
+    fmt = im.format  # exif_transpose returns a copy without it
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:
@@ -79,8 +80,8 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pad_multiple: 
     alpha = mode in ("RGBA", "LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in im.info)
     gray = mode in _GRAY
     if mode in _SIXTEEN or mode == "I":
-        if mode == "I" and im.format != "PPM":
-            raise ImageError(f"{im.format} image in mode I (32-bit integer samples) is not supported: "
+        if mode == "I" and fmt != "PPM":
+            raise ImageError(f"{fmt} image in mode I (32-bit integer samples) is not supported: "
                              "convert it to 8- or 16-bit first")
         arr = np.asarray(im).astype(np.float64)  # 16-bit samples (PPM/PGM "I": Pillow scaled to 0..65535)
         arr = np.clip(np.round(arr / 65535.0 * 255.0), 0, 255).astype(np.uint8)
@@ -88,7 +89,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pad_multiple: 
     elif mode in _TO_RGB:
         px = np.asarray(im.convert("RGB"), dtype=np.uint8)
     else:
-        raise ImageError(f"image mode {mode} ({im.format}) is not supported: its colours or scale have no faithful "
+        raise ImageError(f"image mode {mode} ({fmt}) is not supported: its colours or scale have no faithful "
                          "RGB conversion here; convert it to RGB first")
     if px.ndim != 3 or px.shape[0] < 1 or px.shape[1] < 1:
         raise ImageError(f"image has an unusable shape {px.shape}")

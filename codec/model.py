@@ -297,6 +297,10 @@ class DiffusionCodec:
             raise CodecError(f"bitstream has {rec.channels} latent channels, the backbone {self.backbone.latent_channels}")
         if rec.t >= len(self.backbone.alphas_cumprod):
             raise bs.BitstreamError(f"bitstream has t = {rec.t}, beyond the schedule of {len(self.backbone.alphas_cumprod)} steps")
+        m = self.backbone.pad_multiple  # this encoder pads to m: the latent size follows from the image size
+        if (rec.latent_h * 8, rec.latent_w * 8) != (limits.padded(rec.height, m), limits.padded(rec.width, m)):
+            raise bs.BitstreamError(f"latent size {rec.latent_h}x{rec.latent_w} is not that of a {rec.width}x{rec.height} "
+                                    f"image padded to multiples of {m}")
         tokens = rec.latent_h * rec.latent_w
         if tokens > self.config.max_latent_tokens:
             raise limits.DecodeBudgetError(
@@ -362,6 +366,7 @@ class DiffusionCodec:
                 try:
                     timed = _Deadline(self.backbone, time.monotonic() + self.config.decode_seconds)
                     x0 = denoise(timed, z.to(self.backbone.device, self.backbone.dtype), ts, k)
+                    timed.check()
                     imgs = self.backbone.decode(x0).cpu()
                 except limits.DecodeBudgetError as e:
                     for i, _, _ in part:
@@ -435,9 +440,12 @@ class _Deadline:
         self._bb, self._deadline = backbone, deadline
         self.alphas_cumprod, self.prediction_type = backbone.alphas_cumprod, backbone.prediction_type
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def check(self) -> None:
         if time.monotonic() > self._deadline:
             raise limits.DecodeBudgetError("decoding ran past its time budget (CodecConfig.decode_seconds)")
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.check()
         return self._bb.predict(x_t, t)
 
 
