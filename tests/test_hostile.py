@@ -28,6 +28,10 @@ RECORDS = {
     "flat_1024.fdc": ({"decode_seconds": 1.0}, "time budget"),
     "reserved_set.fdc": ({}, "reserved field"),
     "undefined_flag.fdc": ({}, "undefined flag bits"),
+    # three inputs that killed main's decoder by SIGSEGV (heap-state dependent: after other decodes)
+    "segv_main_1.fdc": ({}, "range-coded string of"),
+    "segv_main_2.fdc": ({}, "range-coded string of"),
+    "segv_main_3.fdc": ({}, "range-coded string of"),
 }
 IMAGES = {
     "onebit_8192.png": "exceeds the cap",
