@@ -330,7 +330,7 @@ class HyperpriorEntropyModel(nn.Module):
             _check_encoder_room(z_sym, np.broadcast_to(np.arange(z.shape[1])[None, :, None, None], z_sym.shape),
                                 *self._z_lists)
             z_strings = eb.compress(z)
-            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+            z_hat = self._decode_z(z_strings[0], tuple(z.shape[-2:]), None)  # exactly what the decoder sees
         means, idx = self._params(z_hat, y_hat.shape)
         y_string = self.coder.encode(y_hat.astype(np.int32) - means, idx)
         return Payload([y_string, z_strings[0]])
