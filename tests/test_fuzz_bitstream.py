@@ -165,6 +165,26 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     return op + ":" + name, _fix(bytes(body[:off]) + new + bytes(body[off + n :]))
 
 
+def _fix_crc(data: bytes) -> bytes:
+    """A record with its last 4 bytes replaced by the CRC of the rest (tests/test_faults.py uses it)."""
+    return _fix(data[:-4])
+
+
+def _check(codec, data: bytes) -> None:
+    """One input in this process: a clear error with a message, or an image of the declared size."""
+    from codec import bitstream as bs
+    from codec import limits
+    from codec.model import CodecError
+
+    try:
+        out = codec.decode([data], steps=1)[0]
+    except (bs.BitstreamError, CodecError, limits.DecodeBudgetError) as e:
+        assert str(e)
+        return
+    rec = bs.parse(data)
+    assert out.shape == (rec.height, rec.width, 3)
+
+
 def _changed(a, b) -> set[str]:
     import numpy as np
 
