@@ -1,7 +1,7 @@
 """Image bytes <-> uint8 arrays, with the input policy documented in one place.
 
 Policy (docs/reliability.md repeats it):
-* Formats: only `ALLOWED_FORMATS` (PNG, JPEG and MPO, WebP, TIFF, BMP, GIF, PPM/PGM/PBM) are tried;
+* Formats: only `ALLOWED_FORMATS` (PNG, JPEG and MPO, WebP, AVIF, TIFF, BMP, GIF, PPM/PGM/PBM) are tried;
   no other Pillow plugin (EPS, which calls Ghostscript, PSD, ...) ever sees the bytes.
 * Size: the cap counts *padded* pixels (`codec.limits.check_encode_size`) and is checked on the
   header, before the pixels are decoded.
@@ -26,7 +26,7 @@ import numpy as np
 
 from .limits import DEFAULT_MAX_PIXELS, check_encode_size
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM")  # JPEG includes MPO (phones)
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "TIFF", "BMP", "GIF", "PPM")  # JPEG includes MPO (phones)
 PAD_MULTIPLE = 64  # the backbones' padding multiple (codec.backbone.PAD_MULTIPLE); counted by the cap
 _SIXTEEN = ("I;16", "I;16B", "I;16L", "I;16N")
 _TO_RGB = ("RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "P", "PA", "L", "LA", "La", "1")
