@@ -230,6 +230,8 @@ class DecodeActor:
         self.schema = (pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS])
                        if emit_pixels else DECODED_SCHEMA)
         self.fs, self.root = get_fs(out_url, opts) if out_url is not None else (None, None)
+        import hashlib
+
         from .quarantine import AttemptLedger  # bounded attempts per row across crashes ($FCODEC_LEDGER_DIR)
 
         self.ledger = AttemptLedger.from_env(job=hashlib.sha256(repr((spec, out_url)).encode()).hexdigest()[:16])
