@@ -364,7 +364,7 @@ class DiffusionCodec:
                 z = torch.stack([g[2] for g in part])
                 ts = torch.tensor([g[1].t for g in part], dtype=torch.long)
                 try:
-                    timed = _Deadline(self.backbone, time.monotonic() + self.config.decode_seconds)
+                    timed = DeadlineBackbone(self.backbone, time.monotonic() + self.config.decode_seconds)
                     x0 = denoise(timed, z.to(self.backbone.device, self.backbone.dtype), ts, k)
                     timed.check()
                     imgs = self.backbone.decode(x0).cpu()
@@ -433,7 +433,7 @@ class DiffusionCodec:
         return cls(backbone, ent, est, config)
 
 
-class _Deadline:
+class DeadlineBackbone:
     """The backbone as `denoise` sees it, with a wall-clock check before every UNet call."""
 
     def __init__(self, backbone: Backbone, deadline: float) -> None:

@@ -25,7 +25,7 @@ RECORDS = {
     "claims_8192_empty.fdc": ({"max_pixels": 1 << 26}, "implausible"),
     "claims_16384_empty.fdc": ({"max_pixels": 1 << 26}, "outside the limit"),
     "hyperprior_8192.fdc": ({"max_pixels": 1 << 26}, "implausible"),
-    "flat_1024.fdc": ({"decode_seconds": 1.0}, "time budget"),
+    "flat_1024.fdc": ({"decode_seconds": 0.0}, "time budget"),  # a budget already spent: fails before any work
     "reserved_set.fdc": ({}, "reserved field"),
     "undefined_flag.fdc": ({}, "undefined flag bits"),
     # three inputs that killed main's decoder by SIGSEGV (heap-state dependent: after other decodes)
@@ -119,6 +119,26 @@ def test_memory_bounded(results):
     peak = max(r["rss_mb"] for r in results.values())
     print(f"peak RSS over the loaded codecs: {peak} MB")
     assert peak < RSS_BOUND_MB
+
+
+def test_time_budget_is_checked_before_every_unet_call_and_the_vae(tiny_codec):
+    """The deadline wrapper `denoise` sees: a spent budget stops the next UNet call (deterministic:
+    no timing is measured, the deadline is in the past)."""
+    import time
+
+    import torch
+
+    from codec import limits
+    from codec.model import DeadlineBackbone
+
+    timed = DeadlineBackbone(tiny_codec.backbone, time.monotonic() + 3600)
+    x = torch.zeros(1, 4, 8, 8)
+    assert timed.predict(x, torch.tensor([10])).shape == x.shape
+    spent = DeadlineBackbone(tiny_codec.backbone, time.monotonic() - 1)
+    with pytest.raises(limits.DecodeBudgetError, match="time budget"):
+        spent.predict(x, torch.tensor([10]))
+    with pytest.raises(limits.DecodeBudgetError):
+        spent.check()
 
 
 def test_dark_16bit_pgm_is_not_brightened():
