@@ -95,36 +95,13 @@ def verify_dataset(url: str, opts: st.StorageOptions | None = None, decode_sampl
         pass
     if not fs.exists(root):
         raise ValueError(f"{url} does not exist")
-    manifest = None
-    try:
-        manifest = st.read_manifest(fs, root)
-        if manifest is not None:
-            manifest = shaped(manifest, MANIFEST_FIELDS, st.MANIFEST)
-    except (ValueError, OSError) as e:
-        rep.bad(f"{st.MANIFEST} is unreadable ({e})")
-        manifest = None
-    if manifest is None and not rep.problems:
-        rep.bad("no _manifest.json: the compress job never finished (rerun it to resume)")
-    elif manifest is not None and not manifest.get("complete"):
-        rep.bad("_manifest.json says the dataset is incomplete: rerun `fcodec compress` with the same SRC/DST to finish it")
+    manifest, markers, visible = read_books(fs, root, rep)
     codec = (manifest or {}).get("config", {}).get("codec", {}) or {}
     if not isinstance(codec, dict):
         rep.bad(f"{st.MANIFEST}: field 'config.codec' is a {type(codec).__name__}, expected an object")
         codec = {}
     # the caller's cap or the software's; a dataset cannot raise the cap applied to itself
     max_pixels = min(int(max_pixels or bs.DEFAULT_MAX_PIXELS), limits.DECODE_MAX_PIXELS)
-
-    # --- layout: markers vs visible part files
-    markers = _read_markers(fs, root, rep)
-    visible = {posixpath.basename(p) for p in fs.glob(st.join(root, "*.parquet"))}
-    claimed = {m["file"] for m in markers.values()}
-    for name in sorted(visible - claimed):
-        rep.bad(f"{name}: part file without a commit marker (orphan of an interrupted run; readers see its rows)")
-    for sid, m in sorted(markers.items()):
-        if m["file"] not in visible:
-            rep.bad(f"shard {sid}: committed but its part file {m['file']} is missing")
-    if fs.exists(st.join(root, st.TMP)):
-        rep.warnings.append(f"{st.TMP}/ holds temp files of an interrupted run (invisible to readers; the next run removes them)")
 
     # --- every row of every committed part file
     keys: set[str] = set()
@@ -209,6 +186,36 @@ def unsafe_key(key: str) -> str | None:
     if ".." in re.split(r"[/\\]", key):
         return "has a '..' component"
     return None
+
+
+def read_books(fs, root: str, rep: Report) -> tuple[dict | None, dict[str, dict], set[str]]:
+    """The layout-specific part of verify, in one place: the manifest (a checked dict, or None),
+    the commit markers by shard id (checked dicts with file/rows/ok/failed/output_bytes) and the
+    names of the visible part files; layout problems (no or incomplete manifest, orphans, missing
+    parts, temp leftovers) go to `rep`. Everything else verify checks is layout-independent."""
+    manifest = None
+    try:
+        manifest = st.read_manifest(fs, root)
+        if manifest is not None:
+            manifest = shaped(manifest, MANIFEST_FIELDS, st.MANIFEST)
+    except (ValueError, OSError) as e:
+        rep.bad(f"{st.MANIFEST} is unreadable ({e})")
+        manifest = None
+    if manifest is None and not rep.problems:
+        rep.bad("no _manifest.json: the compress job never finished (rerun it to resume)")
+    elif manifest is not None and not manifest.get("complete"):
+        rep.bad("_manifest.json says the dataset is incomplete: rerun `fcodec compress` with the same SRC/DST to finish it")
+    markers = _read_markers(fs, root, rep)
+    visible = {posixpath.basename(p) for p in fs.glob(st.join(root, "*.parquet"))}
+    claimed = {m["file"] for m in markers.values()}
+    for name in sorted(visible - claimed):
+        rep.bad(f"{name}: part file without a commit marker (orphan of an interrupted run; readers see its rows)")
+    for sid, m in sorted(markers.items()):
+        if m["file"] not in visible:
+            rep.bad(f"shard {sid}: committed but its part file {m['file']} is missing")
+    if fs.exists(st.join(root, st.TMP)):
+        rep.warnings.append(f"{st.TMP}/ holds temp files of an interrupted run (invisible to readers; the next run removes them)")
+    return manifest, markers, visible
 
 
 def _read_markers(fs, root: str, rep: Report) -> dict[str, dict]:
