@@ -19,11 +19,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import struct
+import time
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from .limits import MAX_BYPASS_NIBBLES, DecodeBudgetError
 
 SCALE_MIN, SCALE_MAX, SCALE_LEVELS = 0.11, 256.0, 64
 LIKELIHOOD_BOUND = 1e-9
@@ -40,6 +45,77 @@ def scale_to_index(scales: np.ndarray) -> np.ndarray:
     s = np.log(np.clip(np.asarray(scales, dtype=np.float64), SCALE_MIN, SCALE_MAX))
     step = (table[-1] - table[0]) / (SCALE_LEVELS - 1)
     return np.clip(np.floor((s - table[0]) / step + 0.5), 0, SCALE_LEVELS - 1).astype(np.int32)
+
+
+RANS64_L = 1 << 31
+_OVERRUN = "range-coded string ends before the symbols the header declares (truncated or hostile record)"
+
+
+def rans_decode(string: bytes, indexes: list[int], cdfs: list[list[int]], lengths: list[int],
+                offsets: list[int], deadline: float | None = None) -> list[int]:
+    """CompressAI's rANS `decode_with_indexes`, bit for bit, but bounds-checked (pure Python).
+
+    CompressAI's C++ decoder trusts its input: a record that claims more symbols than its string
+    holds makes it read past the end of the buffer (a crash), and a forged escape count makes it
+    loop up to 2^31 times. This decoder mirrors its arithmetic and refuses instead: the string is
+    whole 32-bit words, no read passes its end, an escape has at most `MAX_BYPASS_NIBBLES`
+    chunks, and the stream must end exactly where the encoder began (every word consumed, the
+    state back at RANS64_L). Any violation is a `ValueError`; past `deadline` (time.monotonic)
+    a `DecodeBudgetError`.
+    """
+    n_bytes = len(string)
+    if n_bytes < 8 or n_bytes % 4:
+        raise ValueError(f"range-coded string of {n_bytes} bytes is not a rANS stream (whole 32-bit words, at least 2)")
+    words = struct.unpack(f"<{n_bytes // 4}I", string)
+    n_words, low = len(words), RANS64_L
+    x, p = words[0] | (words[1] << 32), 2
+    out = [0] * len(indexes)
+    for i, ci in enumerate(indexes):
+        if not i & 0xFFFF and deadline is not None and time.monotonic() > deadline:
+            raise DecodeBudgetError("range decoding ran past the decode time budget")
+        cdf = cdfs[ci]
+        cum = x & 0xFFFF
+        s = bisect_right(cdf, cum) - 1
+        start = cdf[s]
+        x = (cdf[s + 1] - start) * (x >> 16) + cum - start
+        if x < low:
+            if p == n_words:
+                raise ValueError(_OVERRUN)
+            x = (x << 32) | words[p]
+            p += 1
+        max_value = lengths[ci] - 2
+        if s != max_value:
+            out[i] = s + offsets[ci]
+            continue
+        # Escape: a chunk count in 4-bit digits (15 = "and more"), then the chunks, low first.
+        n_bypass, raw, j, counting = 0, 0, 0, True
+        while True:
+            val = x & 15
+            x >>= 4
+            if x < low:
+                if p == n_words:
+                    raise ValueError(_OVERRUN)
+                x = (x << 32) | words[p]
+                p += 1
+            if counting:
+                n_bypass += val
+                if n_bypass > MAX_BYPASS_NIBBLES:
+                    raise ValueError(f"escape of {n_bypass}+ chunks (a 32-bit value has at most {MAX_BYPASS_NIBBLES})")
+                counting = val == 15
+                if counting or n_bypass:
+                    continue
+                break
+            raw |= val << (4 * j)
+            j += 1
+            if j == n_bypass:
+                break
+        if raw >= 1 << 31:
+            raise ValueError("escape value outside int32 (no encoder writes it)")
+        value = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + max_value
+        out[i] = value + offsets[ci]
+    if p != n_words or x != low:
+        raise ValueError(f"range-coded string does not end with its symbols ({n_words - p} words left over)")
+    return out
 
 
 @dataclass
@@ -64,17 +140,10 @@ class _GaussianCoder(nn.Module):
         self.gc.double()
         self.gc.update_scale_table(scale_table(), force=True)
         self.gc.float()
-        lengths = self.gc._cdf_length.reshape(-1).int().tolist()
-        # Rows trimmed to their real length: the coder reads only cdf_length entries, and handing
-        # it only the rows an image uses keeps the per-call list conversion small.
-        self._lists = (
-            [row[:n] for row, n in zip(self.gc._quantized_cdf.tolist(), lengths)],
-            lengths,
-            self.gc._offset.reshape(-1).int().tolist(),
-        )
+        self._lists = _table_lists(self.gc.quantized_cdf, self.gc.cdf_length, self.gc.offset)
 
     def tables_digest(self) -> bytes:
-        return _digest_ints(self.gc._quantized_cdf, self.gc._cdf_length, self.gc._offset)
+        return _digest_ints(self.gc.quantized_cdf, self.gc.cdf_length, self.gc.offset)
 
     def _subset(self, indexes: np.ndarray) -> tuple[list[int], list, list[int], list[int]]:
         cdf, lengths, offsets = self._require()
@@ -87,14 +156,13 @@ class _GaussianCoder(nn.Module):
     def encode(self, symbols: np.ndarray, indexes: np.ndarray) -> bytes:
         from compressai.ans import RansEncoder
 
+        _check_encoder_room(symbols, indexes, *self._require())
         idx, cdf, lengths, offsets = self._subset(indexes)
         return RansEncoder().encode_with_indexes(symbols.reshape(-1).tolist(), idx, cdf, lengths, offsets)
 
-    def decode(self, string: bytes, indexes: np.ndarray) -> np.ndarray:
-        from compressai.ans import RansDecoder
-
+    def decode(self, string: bytes, indexes: np.ndarray, deadline: float | None = None) -> np.ndarray:
         idx, cdf, lengths, offsets = self._subset(indexes)
-        values = RansDecoder().decode_with_indexes(string, idx, cdf, lengths, offsets)
+        values = rans_decode(string, idx, cdf, lengths, offsets, deadline)
         return np.asarray(values, dtype=np.int32).reshape(indexes.shape)
 
     def bits(self, symbols: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -171,13 +239,15 @@ class StaticEntropyModel(nn.Module):
         full = np.broadcast_to(idx[:, None, None], y_hat.shape)
         return Payload([self.coder.encode(y_hat.astype(np.int32), full)], bytes(idx.astype(np.uint8).tolist()))
 
-    def decompress(self, payload: Payload, shape: tuple[int, int, int]) -> np.ndarray:
-        if len(payload.strings) != 1 or len(payload.side) != shape[0]:
+    def decompress(self, payload: Payload, shape: tuple[int, int, int], deadline: float | None = None) -> np.ndarray:
+        c = shape[0]
+        # v2 records may pad the side information with zeros (see codec/bitstream.py)
+        if len(payload.strings) != 1 or len(payload.side) < c or payload.side[c:].strip(b"\0"):
             raise ValueError("static entropy payload needs 1 string and one side byte per channel")
-        idx = np.frombuffer(payload.side, dtype=np.uint8).astype(np.int32)
+        idx = np.frombuffer(payload.side[:c], dtype=np.uint8).astype(np.int32)
         if idx.max(initial=0) >= SCALE_LEVELS:
             raise ValueError(f"scale index {int(idx.max())} outside the table of {SCALE_LEVELS}")
-        return self.coder.decode(payload.strings[0], np.broadcast_to(idx[:, None, None], shape).copy())
+        return self.coder.decode(payload.strings[0], np.broadcast_to(idx[:, None, None], shape).copy(), deadline)
 
     def estimate_bits(self, y_hat: np.ndarray) -> float:
         """The model's own estimate of the payload size in bits (excluding side bytes)."""
@@ -222,6 +292,7 @@ class HyperpriorEntropyModel(nn.Module):
             self.h_a[-1].weight.mul_(5.0)  # noise would otherwise drown it and h_s learn to ignore z
         self.coder = _MeanScaleCoder()
         self._h_s64: nn.Module | None = None
+        self._z_lists: tuple | None = None
 
     def update(self) -> None:
         self.coder.update()
@@ -232,10 +303,11 @@ class HyperpriorEntropyModel(nn.Module):
         import copy
 
         self._h_s64 = copy.deepcopy(self.h_s).cpu().double().eval()
+        self._z_lists = _table_lists(eb.quantized_cdf, eb.cdf_length, eb.offset)
 
     def tables_digest(self) -> bytes:
         eb = self.entropy_bottleneck
-        return self.coder.tables_digest() + _digest_ints(eb._quantized_cdf, eb._cdf_length, eb._offset)
+        return self.coder.tables_digest() + _digest_ints(eb.quantized_cdf, eb.cdf_length, eb.offset)
 
     def _params(self, z_hat: torch.Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Integer means m and table indexes (scale level, mean fraction) for ŷ from ẑ: float64
@@ -252,20 +324,37 @@ class HyperpriorEntropyModel(nn.Module):
     def compress(self, y_hat: np.ndarray) -> Payload:
         """Integer ŷ (C,h,w), h and w multiples of 4 -> Payload([y string, z string])."""
         with torch.inference_mode():
-            z = self.h_a(torch.from_numpy(y_hat).float()[None].to(self._device()))
-            z_strings = self.entropy_bottleneck.compress(z.cpu())
-            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+            z = self.h_a(torch.from_numpy(y_hat).float()[None].to(self._device())).cpu()
+            eb = self.entropy_bottleneck
+            z_sym = torch.round(z - eb.quantiles[:, :, 1:2].detach().reshape(1, -1, 1, 1)).int().numpy()
+            _check_encoder_room(z_sym, np.broadcast_to(np.arange(z.shape[1])[None, :, None, None], z_sym.shape),
+                                *self._z_lists)
+            z_strings = eb.compress(z)
+            z_hat = self._decode_z(z_strings[0], tuple(z.shape[-2:]), None)  # exactly what the decoder sees
         means, idx = self._params(z_hat, y_hat.shape)
         y_string = self.coder.encode(y_hat.astype(np.int32) - means, idx)
         return Payload([y_string, z_strings[0]])
 
-    def decompress(self, payload: Payload, shape: tuple[int, int, int]) -> np.ndarray:
-        if len(payload.strings) != 2:
-            raise ValueError("hyperprior payload needs 2 strings")
+    def decompress(self, payload: Payload, shape: tuple[int, int, int], deadline: float | None = None) -> np.ndarray:
+        if len(payload.strings) != 2 or payload.side.strip(b"\0"):
+            raise ValueError("hyperprior payload needs 2 strings and no side information")
         c, h, w = shape
-        z_hat = self.entropy_bottleneck.decompress([payload.strings[1]], ((h + 3) // 4, (w + 3) // 4))
+        z_hat = self._decode_z(payload.strings[1], ((h + 3) // 4, (w + 3) // 4), deadline)
         means, idx = self._params(z_hat, shape)
-        return self.coder.decode(payload.strings[0], idx) + means
+        return self.coder.decode(payload.strings[0], idx, deadline) + means
+
+    def _decode_z(self, string: bytes, size: tuple[int, int], deadline: float | None) -> torch.Tensor:
+        """`EntropyBottleneck.decompress` (same tables, same float32 result) on the bounds-checked
+        decoder: ẑ = symbols + channel medians, shape (1, z_channels, *size)."""
+        if self._z_lists is None:
+            raise RuntimeError("entropy model not ready: call update() before compress/decompress")
+        cdfs, lengths, offsets = self._z_lists
+        zc = len(cdfs)
+        idx = np.broadcast_to(np.arange(zc, dtype=np.int64)[:, None, None], (zc, *size)).reshape(-1).tolist()
+        values = rans_decode(string, idx, cdfs, lengths, offsets, deadline)
+        symbols = torch.tensor(values, dtype=torch.int32).reshape(1, zc, *size)
+        medians = self.entropy_bottleneck.quantiles[:, :, 1:2].detach().reshape(1, zc, 1, 1)
+        return symbols.type_as(medians) + medians
 
     def estimate_bits(self, y_hat: np.ndarray) -> float:
         with torch.inference_mode():
@@ -344,6 +433,36 @@ def _quantize_means(means: torch.Tensor) -> torch.Tensor:
     m = torch.floor(means + 0.5)
     k = torch.clamp(torch.floor((means - m + 0.5) * MEAN_LEVELS), 0, MEAN_LEVELS - 1)
     return m - 0.5 + (k + 0.5) / MEAN_LEVELS
+
+
+def _table_lists(cdf: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor) -> tuple[list, list, list]:
+    """CompressAI's CDF tables as Python lists, rows trimmed to their real length (the coder reads
+    only cdf_length entries, and short rows keep the per-call list conversion small)."""
+    n = lengths.reshape(-1).int().tolist()
+    return [row[:k] for row, k in zip(cdf.tolist(), n)], n, offsets.reshape(-1).int().tolist()
+
+
+def _check_encoder_room(symbols: np.ndarray, indexes: np.ndarray, cdfs: list, lengths: list, offsets: list) -> None:
+    """CompressAI's encoder writes into a buffer of one 32-bit word per symbol, unchecked; a latent
+    whose escapes need more (values far outside the tables, e.g. from a broken estimator) would
+    overrun it. Bound the words it can emit (<= 17 bits per symbol + 5 per escape chunk, + flush)
+    and refuse such a latent with a clear error instead."""
+    idx = np.asarray(indexes).reshape(-1)
+    v = np.asarray(symbols, dtype=np.int64).reshape(-1) - np.asarray(offsets, dtype=np.int64)[idx]
+    max_value = np.asarray(lengths, dtype=np.int64)[idx] - 2
+    esc = (v < 0) | (v >= max_value)
+    if not esc.any():
+        return
+    raw = np.where(v[esc] < 0, -2 * v[esc] - 1, 2 * (v[esc] - max_value[esc]))
+    chunks = np.zeros_like(raw)
+    r = raw.copy()
+    while (r > 0).any():
+        chunks += r > 0
+        r >>= 4
+    b = int((chunks + chunks // 15 + 1).sum())
+    if 17 * v.size + 5 * b + 64 > 32 * v.size:
+        raise ValueError(f"latent too far outside the entropy model's range ({int(esc.sum())} of {v.size} symbols escape); "
+                         "the range coder's buffer would overflow (check the codec weights / estimator)")
 
 
 def _digest_ints(*tensors: torch.Tensor) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from . import bitstream as bs
+from . import limits
 from .backbone import Backbone
 from .denoise import denoise
 from .entropy import ENTROPY_IDS, ENTROPY_MODELS, Payload
@@ -36,6 +38,7 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": to
 DEFAULT_T = 100
 DEFAULT_STEPS = 8
 from .version import CODEC_VERSION  # noqa: E402 - re-exported
+FINGERPRINT_FORMAT = 1  # hashed into the codec fingerprint; format version 2 records share it with v1
 
 
 class CodecError(ValueError):
@@ -58,7 +61,9 @@ class CodecConfig:
     # identical across batch compositions and thread counts only in float64 ("exact" mode):
     # float32 kernels differ by ~1e-6 between batch sizes, enough to flip a rare rounded pixel.
     precision: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # padded pixels per image, encode and decode (clamped to codec.limits)
+    max_latent_tokens: int = limits.MAX_LATENT_TOKENS  # decode/encode: latent h x w (attention cost)
+    decode_seconds: float = limits.DECODE_SECONDS  # wall-clock budget of one decode batch
     # Entropy coding in a side thread, overlapping the model's next batch (the bytes are the
     # same either way: the entropy path is per image and integer-exact).
     overlap_entropy: bool = True
@@ -115,7 +120,7 @@ class DiffusionCodec:
         weights and its integer CDF tables, and the format version."""
         if self._fp is None:
             h = hashlib.blake2b(digest_size=8)
-            h.update(f"fdc{bs.VERSION}|{self.entropy.name}".encode())
+            h.update(f"fdc{FINGERPRINT_FORMAT}|{self.entropy.name}".encode())
             for name, tensor in sorted(self.entropy.state_dict().items()):
                 if tensor.is_floating_point():
                     h.update(name.encode() + tensor.detach().float().cpu().numpy().astype("<f4").tobytes())
@@ -125,20 +130,24 @@ class DiffusionCodec:
 
     # ------------------------------------------------------------------ encode
     def encode(self, images: list, t: int | None = None, target_bpp: float | None = None,
-               errors: str = "raise") -> list:
+               errors: str = "raise", keys: list[str] | None = None,
+               source_sha256: list[str] | None = None) -> list:
         """Encode RGB uint8 arrays (H,W,3) or `LoadedImage`s; returns `Encoded` per image.
 
         With errors="return", a failing image yields its exception in place of an `Encoded`.
+        `keys` / `source_sha256` (hex), one per image, bind each record to its dataset key and
+        source bytes (format v2 tags, `bitstream.check_binding`); absent: unbound (zero tags).
         """
         t = t if t is not None else self.config.t
         target_bpp = target_bpp if target_bpp is not None else self.config.target_bpp
         items = [im if isinstance(im, LoadedImage) else LoadedImage(np.asarray(im)) for im in images]
+        tags = [_tags(items, keys, "keys"), _tags(items, source_sha256, "source_sha256", lower=True)]
         out: list = [None] * len(items)
 
         def code(idx_group: list[int], z: torch.Tensor) -> None:
             for i, zi in zip(idx_group, z):
                 try:
-                    out[i] = self._encode_latent(zi, items[i], t, target_bpp)
+                    out[i] = self._encode_latent(zi, items[i], t, target_bpp, (tags[0][i], tags[1][i]))
                 except Exception as e:  # one bad image fails alone
                     out[i] = e
 
@@ -161,8 +170,10 @@ class DiffusionCodec:
             if px.ndim != 3 or px.shape[2] != 3 or px.dtype != np.uint8 or px.shape[0] < 1 or px.shape[1] < 1:
                 out[i] = CodecError(f"expected an (H, W, 3) uint8 image, got {px.shape} {px.dtype}")
                 continue
-            if px.shape[0] * px.shape[1] > self.config.max_pixels:
-                out[i] = CodecError(f"image of {px.shape[1]}x{px.shape[0]} exceeds the cap of {self.config.max_pixels} pixels")
+            try:  # before the VAE: padded pixels, the format's u16 latent sides, the decoder's token cap
+                self.check_encode_size(px.shape[1], px.shape[0])
+            except ValueError as e:
+                out[i] = CodecError(str(e))
                 continue
             key = (-(-px.shape[0] // m) * m, -(-px.shape[1] // m) * m)
             buckets.setdefault(key, []).append(i)
@@ -173,16 +184,27 @@ class DiffusionCodec:
                 x = torch.stack([_to_tensor(items[i].pixels, ph, pw) for i in group])
                 yield group, self.backbone.encode(x).cpu()
 
-    def _encode_latent(self, z: torch.Tensor, item: LoadedImage, t: int | None, target_bpp: float | None) -> Encoded:
-        h, w = item.pixels.shape[:2]
+    def check_encode_size(self, width: int, height: int) -> None:
+        """Refuse (ValueError) an image this codec must not start encoding: over the padded pixel
+        cap, a latent side the format cannot store, or more latent tokens than its decoder takes."""
+        m, f = self.backbone.pad_multiple, 8  # the VAE downsamples 8x (bitstream.parse assumes it too)
+        limits.check_encode_size(width, height, m, min(self.config.max_pixels, limits.ENCODE_MAX_PIXELS), f)
+        tokens = (limits.padded(width, m) // f) * (limits.padded(height, m) // f)
+        if tokens > self.config.max_latent_tokens:
+            raise limits.DecodeBudgetError(
+                f"image of {width}x{height} pixels has {tokens} latent positions, over the decoder's cap of "
+                f"{self.config.max_latent_tokens} (CodecConfig.max_latent_tokens): its record could not be decoded")
+
+    def _encode_latent(self, z: torch.Tensor, item: LoadedImage, t: int | None, target_bpp: float | None,
+                       tags: tuple[bytes, bytes] = (bs.UNBOUND, bs.UNBOUND)) -> Encoded:
         shift, scale, t_pred = self._gamma(z)
         if t is None and target_bpp is None and t_pred is not None:
             t = t_pred
         if t is not None:
-            return self._encode_at(z, item, int(t), shift, scale)
+            return self._encode_at(z, item, int(t), shift, scale, tags)
         if target_bpp is None:
-            return self._encode_at(z, item, DEFAULT_T, shift, scale)
-        return self._search_t(z, item, float(target_bpp), shift, scale)
+            return self._encode_at(z, item, DEFAULT_T, shift, scale, tags)
+        return self._search_t(z, item, float(target_bpp), shift, scale, tags)
 
     def _gamma(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int | None]:
         """γ = (shift, scale) per channel as float16 (as stored), and the estimator's t if any."""
@@ -195,7 +217,7 @@ class DiffusionCodec:
         shift = z.double().mean(dim=(1, 2)).numpy().astype(np.float16)
         return shift, np.ones_like(shift), None
 
-    def _search_t(self, z, item, target: float, shift, scale) -> Encoded:
+    def _search_t(self, z, item, target: float, shift, scale, tags) -> Encoded:
         """Smallest-error t for a target bpp: bisection on t (rate falls as t grows)."""
         t_max = len(self.backbone.alphas_cumprod) - 1
         lo, hi = 1, t_max
@@ -203,7 +225,7 @@ class DiffusionCodec:
 
         def at(t: int) -> Encoded:
             if t not in cache:
-                cache[t] = self._encode_at(z, item, t, shift, scale)
+                cache[t] = self._encode_at(z, item, t, shift, scale, tags)
             return cache[t]
 
         while lo < hi:
@@ -228,7 +250,8 @@ class DiffusionCodec:
         step = scale.astype(np.float64)[:, None, None] * delta
         return torch.from_numpy((y_hat.astype(np.float64) * step + shift.astype(np.float64)[:, None, None]).astype(np.float32))
 
-    def _encode_at(self, z, item: LoadedImage, t: int, shift, scale) -> Encoded:
+    def _encode_at(self, z, item: LoadedImage, t: int, shift, scale,
+                   tags: tuple[bytes, bytes] = (bs.UNBOUND, bs.UNBOUND)) -> Encoded:
         t = int(min(max(t, 1), len(self.backbone.alphas_cumprod) - 1))
         y_hat = self.quantize(z, t, shift, scale)
         payload = self.entropy.compress(y_hat)
@@ -238,14 +261,25 @@ class DiffusionCodec:
             entropy_id=self.entropy.model_id, backbone_fp=self.backbone.fingerprint(), codec_fp=self.fingerprint(),
             width=w, height=h, t=t, latent_h=y_hat.shape[1], latent_w=y_hat.shape[2],
             gamma=np.stack([shift, scale], axis=1).astype(np.float16), side=payload.side,
-            strings=payload.strings, symbol_hash=bs.symbol_hash(y_hat),
+            strings=payload.strings, symbol_hash=bs.symbol_hash(y_hat), key_tag=tags[0], source_tag=tags[1],
         )
-        return Encoded(bs.pack(rec), t, w, h)
+        data = bs.pack(rec)
+        short = limits.min_record_bytes(w * h) - len(data)
+        if short > 0:  # a near-uniform image under the decoder's plausibility floor: zero-pad the side info
+            if len(rec.side) + short > 0xFFFF:
+                raise CodecError(f"image of {w}x{h} codes to {len(data)} bytes, under the format's plausibility floor "
+                                 f"of {limits.min_record_bytes(w * h)} bytes and beyond what padding can add")
+            rec.side = rec.side + bytes(short)
+            data = bs.pack(rec)
+        return Encoded(data, t, w, h)
 
     # ------------------------------------------------------------------ decode
-    def parse(self, data: bytes) -> bs.Record:
-        """Parse and check that this codec can decode the record (fingerprints, model id)."""
-        rec = bs.parse(data, max_pixels=self.config.max_pixels)
+    def parse(self, data: bytes, key: str | None = None, source_sha256: str | None = None) -> bs.Record:
+        """Parse and check that this codec can decode the record (fingerprints, model id, decode
+        budgets: all on the header, before anything is allocated); with `key`/`source_sha256`,
+        also that a v2 record is bound to them (`bitstream.check_binding`)."""
+        rec = bs.parse(data, max_pixels=min(self.config.max_pixels, limits.DECODE_MAX_PIXELS))
+        bs.check_binding(rec, key, source_sha256)
         if rec.backbone_fp != self.backbone.fingerprint():
             raise CodecError(
                 f"bitstream was made with another backbone (fingerprint {rec.backbone_fp.hex()}, this decoder has "
@@ -263,14 +297,26 @@ class DiffusionCodec:
             raise CodecError(f"bitstream has {rec.channels} latent channels, the backbone {self.backbone.latent_channels}")
         if rec.t >= len(self.backbone.alphas_cumprod):
             raise bs.BitstreamError(f"bitstream has t = {rec.t}, beyond the schedule of {len(self.backbone.alphas_cumprod)} steps")
+        m = self.backbone.pad_multiple  # this encoder pads to m: the latent size follows from the image size
+        if (rec.latent_h * 8, rec.latent_w * 8) != (limits.padded(rec.height, m), limits.padded(rec.width, m)):
+            raise bs.BitstreamError(f"latent size {rec.latent_h}x{rec.latent_w} is not that of a {rec.width}x{rec.height} "
+                                    f"image padded to multiples of {m}")
+        tokens = rec.latent_h * rec.latent_w
+        if tokens > self.config.max_latent_tokens:
+            raise limits.DecodeBudgetError(
+                f"bitstream declares a {rec.latent_h}x{rec.latent_w} latent ({tokens} positions), over the decode cap of "
+                f"{self.config.max_latent_tokens} (CodecConfig.max_latent_tokens; attention cost is quadratic in it)")
+        if rec.entropy_id == 1 and tokens > limits.MAX_HS_POSITIONS:
+            raise limits.DecodeBudgetError(f"hyperprior record with {tokens} latent positions, over the h_s cap of "
+                                           f"{limits.MAX_HS_POSITIONS} (codec.limits.MAX_HS_POSITIONS)")
         return rec
 
-    def decode_latent(self, rec: bs.Record) -> torch.Tensor:
+    def decode_latent(self, rec: bs.Record, deadline: float | None = None) -> torch.Tensor:
         """Entropy-decode and dequantize one parsed record to ẑ (C, h, w); checks the symbol hash."""
         shape = (rec.channels, rec.latent_h, rec.latent_w)
         try:
-            y_hat = self.entropy.decompress(Payload(rec.strings, rec.side), shape)
-        except bs.BitstreamError:
+            y_hat = self.entropy.decompress(Payload(rec.strings, rec.side), shape, deadline=deadline)
+        except (bs.BitstreamError, limits.DecodeBudgetError):
             raise
         except Exception as e:
             raise bs.BitstreamError(f"entropy decoding failed: {e}") from None
@@ -279,18 +325,21 @@ class DiffusionCodec:
         gamma = rec.gamma.astype(np.float16)
         return self.dequantize(y_hat, rec.t, gamma[:, 0], gamma[:, 1])
 
-    def decode(self, records: list[bytes], steps: int | None = None, errors: str = "raise") -> list:
+    def decode(self, records: list[bytes], steps: int | None = None, errors: str = "raise",
+               keys: list[str] | None = None, source_sha256: list[str] | None = None) -> list:
         """Decode records to RGB uint8 arrays (H, W, 3) at their original size.
 
         `steps` is the DDIM budget (0 = no denoising). With errors="return", a failing record
-        yields its exception in its place.
+        yields its exception in its place. `keys`/`source_sha256`: check each v2 record's binding.
+        Each batch has `config.decode_seconds` of wall clock (checked in the range decoder and
+        between UNet calls); past it its records fail with `DecodeBudgetError`.
         """
         steps = self.config.steps if steps is None else int(steps)
         out: list = [None] * len(records)
         groups: dict[tuple[int, int, int], list[tuple[int, bs.Record]]] = {}
         for i, data in enumerate(records):
             try:
-                rec = self.parse(data)
+                rec = self.parse(data, keys[i] if keys else None, source_sha256[i] if source_sha256 else None)
                 groups.setdefault((rec.latent_h, rec.latent_w, min(steps, rec.t)), []).append((i, rec))
             except Exception as e:
                 out[i] = e
@@ -301,7 +350,7 @@ class DiffusionCodec:
             ok = []
             for i, rec in part:
                 try:
-                    ok.append((i, rec, self.decode_latent(rec)))
+                    ok.append((i, rec, self.decode_latent(rec, time.monotonic() + self.config.decode_seconds)))
                 except Exception as e:  # one bad record fails alone
                     out[i] = e
             return ok
@@ -314,8 +363,15 @@ class DiffusionCodec:
                     continue
                 z = torch.stack([g[2] for g in part])
                 ts = torch.tensor([g[1].t for g in part], dtype=torch.long)
-                x0 = denoise(self.backbone, z.to(self.backbone.device, self.backbone.dtype), ts, k)
-                imgs = self.backbone.decode(x0).cpu()
+                try:
+                    timed = DeadlineBackbone(self.backbone, time.monotonic() + self.config.decode_seconds)
+                    x0 = denoise(timed, z.to(self.backbone.device, self.backbone.dtype), ts, k)
+                    timed.check()
+                    imgs = self.backbone.decode(x0).cpu()
+                except limits.DecodeBudgetError as e:
+                    for i, _, _ in part:
+                        out[i] = e
+                    continue
                 for (i, rec, _), img in zip(part, imgs):
                     out[i] = _to_uint8(img[:, : rec.height, : rec.width])
         if errors == "raise":
@@ -400,6 +456,31 @@ class DiffusionCodec:
     def to_pixels(img: torch.Tensor) -> np.ndarray:
         """A decoded (3, H, W) tensor in [-1, 1] -> uint8 (H, W, 3), rounded as `decode` does."""
         return _to_uint8(img)
+
+
+class DeadlineBackbone:
+    """The backbone as `denoise` sees it, with a wall-clock check before every UNet call."""
+
+    def __init__(self, backbone: Backbone, deadline: float) -> None:
+        self._bb, self._deadline = backbone, deadline
+        self.alphas_cumprod, self.prediction_type = backbone.alphas_cumprod, backbone.prediction_type
+
+    def check(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise limits.DecodeBudgetError("decoding ran past its time budget (CodecConfig.decode_seconds)")
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.check()
+        return self._bb.predict(x_t, t)
+
+
+def _tags(items: list, values: list[str] | None, name: str, lower: bool = False) -> list[bytes]:
+    """One binding tag per image (zeros when `values` is None)."""
+    if values is None:
+        return [bs.UNBOUND] * len(items)
+    if len(values) != len(items):
+        raise CodecError(f"{name} has {len(values)} entries for {len(items)} images")
+    return [bs.binding_tag(v.lower() if lower else v) if v is not None else bs.UNBOUND for v in values]
 
 
 class _Inline:

@@ -125,6 +125,11 @@ class DecodeActor:
         self.schema = (pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS])
                        if emit_pixels else DECODED_SCHEMA)
         self.fs, self.root = get_fs(out_url, opts) if out_url is not None else (None, None)
+        import hashlib
+
+        from .quarantine import AttemptLedger  # bounded attempts per row across crashes ($FCODEC_LEDGER_DIR)
+
+        self.ledger = AttemptLedger.from_env(job=hashlib.sha256(repr((spec, out_url)).encode()).hexdigest()[:16])
 
     def __call__(self, batch: Any) -> pa.Table:
         return table_of(self.decode_rows(rows_of(batch)), self.schema)
@@ -160,7 +165,10 @@ class DecodeActor:
             base["_source_bytes"] = len(data)
             todo.append((len(out) - 1, data, gray))
         try:
-            decoded = self.codec.decode([d for _, d, _ in todo], steps=self.steps, errors="return")
+            from .quarantine import guarded_decode
+
+            decoded = guarded_decode(self.ledger, [out[i]["key"] for i, _, _ in todo], [d for _, d, _ in todo],
+                                     lambda ds: self.codec.decode(ds, steps=self.steps, errors="return"))
         except Exception as e:  # batch-level failure: decode one by one
             decoded = []
             for _, d, _ in todo:

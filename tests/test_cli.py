@@ -38,6 +38,14 @@ def files(tmp_path_factory):
     huge[24:32] = struct.pack("<II", 10**6, 10**6)
     (d / "huge.fdc").write_bytes(bytes(huge) + struct.pack("<I", zlib.crc32(bytes(huge))))
     rc, _, err = fcodec("encode", str(d / "img.png"), str(d / "hyper.fdc"), "--entropy", "hyperprior")
+    assert rc == 2 and "needs trained codec weights" in err  # never a random initialisation
+    import torch
+
+    from codec import CodecConfig, DiffusionCodec, default_backbone, load_backbone
+
+    torch.manual_seed(0)  # untrained hyperprior weights for the CLI's default backbone
+    DiffusionCodec(load_backbone(default_backbone()), config=CodecConfig(entropy="hyperprior")).save_pretrained(d / "hp")
+    rc, _, err = fcodec("encode", str(d / "img.png"), str(d / "hyper.fdc"), "--codec-weights", str(d / "hp"))
     assert rc == 0, err
     return d
 

@@ -82,10 +82,27 @@ def test_mixed_batch_equals_single_in_exact_mode(sample_images):
         assert np.array_equal(a, b)
 
 
+def untrained_hyperprior():
+    """A seeded, untrained hyperprior codec (`load_codec` refuses a hyperprior without weights)."""
+    import torch
+
+    from codec import CodecConfig, DiffusionCodec, load_backbone
+
+    torch.manual_seed(0)
+    return DiffusionCodec(load_backbone("tiny"), config=CodecConfig(entropy="hyperprior"))
+
+
+def test_hyperprior_without_weights_is_a_clear_error():
+    from codec import load_codec
+
+    with pytest.raises(CodecError, match="needs trained codec weights"):
+        load_codec("tiny", entropy="hyperprior")
+
+
 def test_other_model_is_refused(tiny_codec, sample_images):
     from codec import load_codec
 
-    other = load_codec("tiny", entropy="hyperprior")
+    other = untrained_hyperprior()
     data = other.encode([sample_images[0]], t=50)[0].data
     with pytest.raises(CodecError, match="hyperprior"):
         tiny_codec.decode([data])
@@ -98,7 +115,7 @@ def test_other_model_is_refused(tiny_codec, sample_images):
 def test_hyperprior_roundtrip(sample_images):
     from codec import load_codec
 
-    c = load_codec("tiny", entropy="hyperprior")
+    c = untrained_hyperprior()
     enc = c.encode(sample_images, t=50)
     dec = c.decode([e.data for e in enc], steps=0)
     assert [d.shape for d in dec] == [im.shape for im in sample_images]

@@ -186,3 +186,188 @@ def test_row_dropped_from_a_part_file(ds):
     assert any(f"marker says rows = {n}, the part file has {n - 1}" in x for x in rep["problems"])
     assert any(f"_manifest.json counts {N_IMAGES + N_BAD} rows, the part files hold {N_IMAGES + N_BAD - 1}" in x
                for x in rep["problems"])
+
+
+# ---------------------------------------------------------------- issue 19: columns, binding, keys, shapes, caps, HMAC
+def bind(rows: list[dict]) -> None:
+    """Re-pack every ok row's record with its key and source tags (what an encoder given `keys`
+    and `source_sha256` writes), sha256 updated: the archive as the wired pipeline writes it."""
+    from codec import bitstream as bs
+
+    for r in rows:
+        if r["status"] == "ok":
+            rec = bs.parse(r["bitstream"])
+            rec.key_tag, rec.source_tag = bs.binding_tag(r["key"]), bs.binding_tag(r["source_sha256"])
+            r["bitstream"] = bs.pack(rec)
+            r["bitstream_sha256"] = hashlib.sha256(r["bitstream"]).hexdigest()
+
+
+def test_clean_report_separates_failed_rows(clean):
+    rep = verify_dataset(str(clean), hmac_key=None)
+    lines = format_report(rep)
+    assert lines[0].startswith(f"OK: the archive is whole, but with {N_BAD} failed rows")
+    assert "  authenticity not checked (no key); set $FCODEC_HMAC_KEY to check it" in lines
+
+
+def test_t_column_checked_against_the_record(ds):
+    def forge(rows):
+        first_ok(rows)["t"] += 7
+
+    rewrite(parts(ds)[0], forge)
+    rep = verify_dataset(str(ds), hmac_key=None)
+    assert rep["n_problems"] == 1 and "record has t = " in rep["problems"][0]
+
+
+def test_swapped_bitstreams_are_caught_by_the_binding_tags(ds):
+    for p in parts(ds):
+        rewrite(p, bind)
+    assert verify_dataset(str(ds), hmac_key=None)["ok"]
+    assert verify_dataset(str(ds), hmac_key=None)["bound_rows"] == N_IMAGES
+
+    def swap(rows):
+        a, b = [r for r in rows if r["status"] == "ok"][:2]
+        for col in ("bitstream", "bitstream_sha256", "n_bytes", "width", "height", "t", "bpp"):
+            a[col], b[col] = b[col], a[col]  # each row self-consistent, just in the other's place
+
+    p = next(p for p in parts(ds) if sum(r["status"] == "ok" for r in pq.read_table(p).to_pylist()) >= 2)
+    rewrite(p, swap)
+    rep = verify_dataset(str(ds), hmac_key=None)
+    assert rep["n_problems"] == 2 and all("bound to another key" in x for x in rep["problems"]), rep["problems"]
+
+
+def test_unsafe_keys_are_flagged(ds):
+    bad = ["../x.png", "/etc/passwd", "a\0b.png", "k" * 5000]
+
+    def rename(rows):
+        for r, k in zip(rows, bad):
+            r["key"] = k
+
+    rewrite(parts(ds)[0], rename)
+    rep = verify_dataset(str(ds), hmac_key=None)
+    unsafe = [p for p in rep["problems"] if "unsafe key" in p]
+    assert len(unsafe) == 4, rep["problems"]
+    assert all(len(p) < 400 for p in unsafe)  # a 5000-character key does not flood the report
+
+
+@pytest.mark.parametrize("target,content,msg", [
+    ("_manifest.json", "[1, 2]", "_manifest.json is a JSON list, expected an object"),
+    ("_manifest.json", '{"complete": true, "totals": []}', "_manifest.json: field 'totals' is a list, expected an object"),
+    ("marker", '["x"]', "is a JSON list, expected an object"),
+    ("marker", '{"file": "part-x.parquet", "rows": "12"}', "field 'rows' is a str, expected an integer"),
+])
+def test_wrong_json_shapes_are_one_line_errors(ds, capsys, target, content, msg):
+    path = ds / "_manifest.json" if target == "_manifest.json" else sorted((ds / "_commits").glob("*.json"))[0]
+    path.write_text(content)
+    rep = verify_dataset(str(ds), hmac_key=None)
+    assert not rep["ok"] and any(msg in p for p in rep["problems"]), rep["problems"]
+    assert fcodec(["verify", str(ds)]) == 1
+    err = capsys.readouterr()
+    assert "AttributeError" not in err.out + err.err and "Traceback" not in err.err
+
+
+def test_bitstreams_over_the_cap_are_reported_not_loaded(clean):
+    rep = verify_dataset(str(clean), hmac_key=None, max_bitstream_bytes=64)
+    over = [p for p in rep["problems"] if "over the verify cap" in p]
+    assert len(over) >= N_IMAGES and rep["bitstreams_checked"] == 0, rep["problems"][:3]
+
+
+def test_decode_cap_is_never_taken_from_the_manifest(ds):
+    m = json.loads((ds / "_manifest.json").read_text())
+    m["config"]["codec"]["max_pixels"] = 10  # the old verify parsed with this cap (and a large one raised it)
+    (ds / "_manifest.json").write_text(json.dumps(m))
+    assert verify_dataset(str(ds), hmac_key=None)["ok"]
+
+
+KEY = b"test-archive-key-0123456789"
+
+
+def sign(ds: Path, key: bytes = KEY) -> None:
+    """What the writer does with a key: a record HMAC per row, then the books signature."""
+    from pipeline import integrity
+
+    def add(rows):
+        for r in rows:
+            r[integrity.RECORD_HMAC_COLUMN] = integrity.sign_record(key, r["bitstream"]) if r["bitstream"] else None
+
+    schema = BITSTREAM_SCHEMA.append(pa.field(integrity.RECORD_HMAC_COLUMN, pa.string()))
+    for p in parts(ds):
+        rows = pq.read_table(p).to_pylist()
+        add(rows)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), p)
+    resign_books(ds, key)
+
+
+def resign_books(ds: Path, key: bytes) -> None:
+    from pipeline import integrity
+
+    books = [{"file": p.name, "rows": pq.read_metadata(p).num_rows, "checksum": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in parts(ds)]
+    m = json.loads((ds / "_manifest.json").read_text())
+    m[integrity.MANIFEST_FIELD] = {"algorithm": integrity.ALGORITHM, "books_hmac": integrity.sign_books(key, books)}
+    (ds / "_manifest.json").write_text(json.dumps(m))
+
+
+def fix_books(ds: Path) -> None:
+    """An attacker without the key: markers and manifest totals made to add up again."""
+    m = json.loads((ds / "_manifest.json").read_text())
+    tot = {"rows": 0, "ok": 0, "failed": 0, "output_bytes": 0}
+    markers = sorted((ds / "_commits").glob("*.json"))
+    for mk in markers:
+        d = json.loads(mk.read_text())
+        rows = pq.read_table(ds / d["file"]).to_pylist() if (ds / d["file"]).exists() else None
+        if rows is None:
+            mk.unlink()
+            continue
+        d.update(rows=len(rows), ok=sum(r["status"] == "ok" for r in rows), failed=sum(r["status"] == "failed" for r in rows),
+                 output_bytes=sum(r["n_bytes"] or 0 for r in rows if r["status"] == "ok"))
+        mk.write_text(json.dumps(d))
+        for k in tot:
+            tot[k] += d[k]
+    m["totals"].update(tot, shards=len(list((ds / "_commits").glob("*.json"))))
+    m["shards_planned"] = m["totals"]["shards"]
+    (ds / "_manifest.json").write_text(json.dumps(m))
+
+
+def test_hmac_signed_archive_passes_with_the_key_and_says_so_without(ds, monkeypatch, capsys):
+    sign(ds)
+    rep = verify_dataset(str(ds), hmac_key=KEY)
+    assert rep["ok"], rep["problems"]
+    assert rep["authenticity"] == "checked" and rep["hmac_checked"] == N_IMAGES
+    monkeypatch.setenv("FCODEC_HMAC_KEY", KEY.decode())
+    assert fcodec(["verify", str(ds)]) == 0
+    assert "authenticity checked: 12 record HMACs and the books signature" in capsys.readouterr().out
+    monkeypatch.delenv("FCODEC_HMAC_KEY")
+    assert verify_dataset(str(ds))["authenticity"] == "not checked (no key)"
+    assert not verify_dataset(str(ds), hmac_key=b"another key")["ok"]
+
+
+@pytest.mark.parametrize("attack", ["row_deleted_books_fixed", "shard_removed_books_fixed", "forged_t", "resigned_wrong_key"])
+def test_tampering_caught_only_with_the_key(ds, attack):
+    from codec import bitstream as bs
+
+    sign(ds)
+    p = parts(ds)[1]
+    if attack == "row_deleted_books_fixed":
+        rows = pq.read_table(p).to_pylist()
+        rows.pop()
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(p)), p)
+        fix_books(ds)
+    elif attack == "shard_removed_books_fixed":
+        p.unlink()
+        fix_books(ds)
+    elif attack == "forged_t":  # CRC, sha256 and the t column recomputed: self-consistent
+        rows = pq.read_table(p).to_pylist()
+        r = first_ok(rows)
+        rec = bs.parse(r["bitstream"])
+        rec.t += 5
+        r["bitstream"] = bs.pack(rec)
+        r["bitstream_sha256"], r["t"] = hashlib.sha256(r["bitstream"]).hexdigest(), rec.t
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(p)), p)
+    else:
+        resign_books(ds, b"attacker's key")
+    no_key = verify_dataset(str(ds), hmac_key=None)
+    assert no_key["ok"], no_key["problems"]  # self-consistent: CRC, sha256 and the books add up
+    with_key = verify_dataset(str(ds), hmac_key=KEY)
+    assert not with_key["ok"]
+    want = "record HMAC does not match" if attack == "forged_t" else "books signature does not match"
+    assert any(want in x for x in with_key["problems"]), with_key["problems"]
