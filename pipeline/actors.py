@@ -46,6 +46,7 @@ class EncodeActor:
     def __init__(self, spec: CodecSpec | dict) -> None:
         self.codec = as_spec(spec).build()
         self.fingerprint = codec_fingerprint_hex(self.codec)
+        self.binds = hasattr(self.codec, "entropy")  # ours (a baseline has no records to bind)
         from codec import CODEC_VERSION
 
         self.version = CODEC_VERSION
@@ -86,7 +87,8 @@ class EncodeActor:
             todo.append((i, img))
         # Bucket by size (the codec batches equal padded sizes together); sorting keeps buckets full.
         todo.sort(key=lambda x: x[1].pixels.shape[:2])
-        results = self._encode([img for _, img in todo])
+        results = self._encode([img for _, img in todo], [out[i]["key"] for i, _ in todo],
+                               [out[i]["source_sha256"] for i, _ in todo])
         for (i, _), res in zip(todo, results):
             row = out[i]
             if isinstance(res, BaseException):
@@ -96,16 +98,19 @@ class EncodeActor:
                            bpp=res.bpp, t=int(res.t), status=STATUS_OK, error=None)
         return out  # type: ignore[return-value]
 
-    def _encode(self, images: list) -> list:
+    def _encode(self, images: list, keys: list[str] | None = None, shas: list[str] | None = None) -> list:
+        """Encode a batch; our codec binds each record to its key and source (format v2)."""
         if not images:
             return []
+        bind = {"keys": keys, "source_sha256": shas} if self.binds and keys is not None else {}
         try:
-            return self.codec.encode(images, errors="return")
+            return self.codec.encode(images, errors="return", **bind)
         except Exception:  # a batch-level failure (e.g. out of memory): retry one by one so it fails alone
             res = []
-            for im in images:
+            for j, im in enumerate(images):
+                one = {k: [v[j]] for k, v in bind.items()}
                 try:
-                    res.append(self.codec.encode([im], errors="return")[0])
+                    res.append(self.codec.encode([im], errors="return", **one)[0])
                 except Exception as e:
                     res.append(e)
             return res

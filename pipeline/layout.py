@@ -153,6 +153,7 @@ class CommitRecord(_Record):
     depends_on: list[str] = field(default_factory=list)  # shards holding rows this one's references point to
     duplicates: int = 0  # rows whose source bytes another row already has (stored as references with --dedupe)
     refs: int = 0  # rows stored as references (no bitstream of their own)
+    part_sha256: str | None = None  # sha256 of the part file's bytes (what the books signature covers)
     failures: list[dict] = field(default_factory=list)  # [{key, error}] of failed rows
     errors: dict[str, int] = field(default_factory=dict)  # failed rows per error class
     run_id: str | None = None
@@ -165,6 +166,7 @@ class CommitRecord(_Record):
              "output_bytes": (int, False), "bpp_sum": (NUM, False), "pixels": (int, False),
              "codec_fingerprint": (str, False), "entries": (list, False), "supersedes": (list, False),
              "depends_on": (list, False), "duplicates": (int, False), "refs": (int, False),
+             "part_sha256": (str, False),
              "failures": (list, False), "errors": (dict, False), "run_id": (str, False), "writer": (str, False),
              "committed_at": (str, False), "source_file": (str, False)}
 
@@ -215,11 +217,13 @@ class Manifest(_Record):
     config: dict = field(default_factory=dict)  # the job's resolved options (no secrets)
     last_run: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)  # with an HMAC key: {"algorithm", "books_hmac"} (pipeline/integrity.py)
 
     _SPEC = {"kind": (str, True), "layout": (int, False), "codec": (dict, False), "backbone": (dict, False),
              "codec_fingerprint": (str, False), "software_version": (str, False), "created_at": (str, False),
              "updated_at": (str, False), "totals": (dict, False), "complete": (bool, False), "source": (str, False),
-             "format": ((str, int), False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False)}
+             "format": ((str, int), False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False),
+             "integrity": (dict, False)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":

@@ -340,7 +340,8 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
         run = stats.summary(wall, rate, info, plan.found, recon)
         fp = stats.fingerprint or (cat.manifest.codec_fingerprint if cat.manifest else None)
         manifest = _manifest(L.BITSTREAM_KIND, cat, spec, cfg, run, fp,
-                             complete=plan.found["planned_shards"] == len(plan.work) == run["shards"] - len(plan.records))
+                             complete=plan.found["planned_shards"] == len(plan.work) == run["shards"] - len(plan.records),
+                             integrity=_sign_books(books, cat))
         books.write_manifest(manifest)
         books.clean_tmp()
     tot = cat.totals()
@@ -399,6 +400,25 @@ def _owners(books: Books, cat: Catalog) -> dict[str, tuple[str, str]]:
             if sha and st == "ok" and ref is None and bs:
                 out.setdefault(sha, (key, sid))
     return out
+
+
+def _sign_books(books: Books, cat: Catalog) -> dict:
+    """With an HMAC key in the environment: the books signature over every live part (file, rows,
+    sha256 of its bytes), so rows or shards deleted with the books fixed are caught by verify."""
+    from .integrity import ALGORITHM, file_sha256, load_key, sign_books
+
+    key = load_key()
+    if key is None:
+        return {}
+    parts = []
+    for rec in sorted(cat.shards.values(), key=lambda r: r.shard):
+        if not rec.file:
+            continue
+        if not rec.part_sha256:  # a part written before (or adopted): hash it now
+            with books.fs.open(books.path(rec.file), "rb") as f:
+                rec.part_sha256 = file_sha256(f)
+        parts.append({"file": rec.file, "rows": rec.rows, "checksum": rec.part_sha256})
+    return {"algorithm": ALGORITHM, "books_hmac": sign_books(key, parts)}
 
 
 def _sha(url: str, opts) -> str | None:

@@ -29,7 +29,7 @@ from .dedupe import ENCODE, SELF, call
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, REF_KEY_FIELD, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK,
                      STATUS_SKIPPED, carried_name, hf_features_metadata, parquet_write_kwargs)
 from .sources import Shard, read_shard
-from .storage import StorageOptions, get_fs, join, write_atomic, write_parquet_atomic
+from .storage import StorageOptions, get_fs, join, write_atomic
 from .transform import decode_source
 
 BITSTREAM_READ_COLUMNS = ["key", "bitstream", "bitstream_sha256", "width", "height", "status", "error"]
@@ -88,10 +88,18 @@ def prefetch(chunks: Iterator, fn: Callable, depth: int = PREFETCH_CHUNKS) -> It
 
 
 def write_part(fs, root: str, table: pa.Table, rec: L.CommitRecord) -> None:
-    """Write a shard's part (atomically) with its commit record in the Parquet footer."""
+    """Write a shard's part (atomically) with its commit record in the Parquet footer; sets
+    `rec.part_sha256` to the sha256 of the bytes written (what the books signature covers)."""
+    import hashlib
+    import io
+
     meta = {L.PART_META_KEY: json.dumps(rec.to_dict(), sort_keys=True).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    write_parquet_atomic(fs, root, rec.file, table, **parquet_write_kwargs(table))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **parquet_write_kwargs(table))
+    data = buf.getvalue()
+    write_atomic(fs, join(root, rec.file), data)
+    rec.part_sha256 = hashlib.sha256(data).hexdigest()
 
 
 def stats_of(table: pa.Table, key_col: str = "key") -> dict:
@@ -122,8 +130,11 @@ class ShardEncoder:
     def __init__(self, spec, dst: str, opts: StorageOptions | None = None, image_column: str | None = None,
                  run_id: str | None = None, progress=None, io_threads: int = 4,
                  keep_columns: list[str] | None = None, claims=None, dedupe: bool = False) -> None:
+        from .integrity import load_key
+
         self.engine = EncodeActor(spec)
         self.claims, self.dedupe = claims, dedupe
+        self.hmac_key = load_key()  # from this worker's environment; never passed around
         self.fs, self.root = get_fs(dst, opts)
         self.opts, self.image_column, self.run_id, self.progress = opts, image_column, run_id, progress
         self.keep_columns = keep_columns
@@ -252,6 +263,12 @@ class ShardEncoder:
                              input_bytes=int(item.get("carry_input_bytes") or 0) + sum(e[2] for e in item.get("encode") or []) +
                              (item["container"][2] if item["kind"] != "files" else 0), **st)
         if rec.file:
+            if self.hmac_key is not None:  # each record signed (tamper evidence, pipeline/integrity.py)
+                from .integrity import RECORD_HMAC_COLUMN, sign_record
+
+                macs = [sign_record(self.hmac_key, b) if b is not None else None
+                        for b in table.column("bitstream").to_pylist()]
+                table = table.append_column(RECORD_HMAC_COLUMN, pa.array(macs, pa.string()))
             write_part(self.fs, self.root, table, rec)
         return rec
 
