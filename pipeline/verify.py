@@ -108,9 +108,10 @@ def verify_dataset(url: str, opts: st.StorageOptions | None = None, decode_sampl
             books.append({"file": m["file"], "rows": got["rows"], "checksum": got["sha256"]})
         for k in ("rows", "ok", "failed"):
             if got is not None and m.get(k) is not None and got[k] != m[k]:
-                rep.bad(f"shard {sid}: marker says {k} = {m[k]}, the part file has {got[k]}")
+                rep.bad(f"shard {sid}: its commit record says {k} = {m[k]}, the part file has {got[k]}")
         if got is not None and m.get("output_bytes") is not None and got["output_bytes"] != m["output_bytes"]:
-            rep.bad(f"shard {sid}: marker says {m['output_bytes']} output bytes, part file has {got['output_bytes']}")
+            rep.bad(f"shard {sid}: its commit record says {m['output_bytes']} output bytes, the part file has "
+                    f"{got['output_bytes']}")
         echo(f"shard {sid}: {got['rows'] if got else '?'} rows checked")
 
     for where, ref, sha in ctx["refs"]:  # every reference names a stored bitstream of the same content

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codec import CodecConfig, bitstream, load_codec, registry
+from codec import CodecConfig, bitstream, load_codec, registry, resolve
 from jobs.cli import main
 
 V1 = Path(__file__).parent / "golden" / "v1"
@@ -62,7 +62,7 @@ def golden(name: str, request) -> tuple[bytes, dict]:
     data = (V1 / entry["file"]).read_bytes()
     vae = str(request.getfixturevalue("taesd_dir")) if entry["vae"] else None  # skips without ../shared
     weights = str(V1 / entry["codec_weights"]) if entry["codec_weights"] else None
-    return data, registry.options_for_record(data, vae=vae, codec_weights=weights)
+    return data, resolve.options_for_record(data, vae=vae, codec_weights=weights)
 
 
 def decoder(opts: dict, precision: str):

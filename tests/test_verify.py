@@ -35,8 +35,27 @@ def clean(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ds(clean, tmp_path) -> Path:
-    """A private copy of the clean dataset to damage."""
-    return Path(shutil.copytree(clean, tmp_path / "ds"))
+    """A private copy of the clean dataset to damage, its books as one commit record per shard
+    (`__fcodec__/commits/<shard>.json`, as during a run) so a test can edit them as an attacker would."""
+    d = Path(shutil.copytree(clean, tmp_path / "ds"))
+    from pipeline.catalog import Books
+    from pipeline.storage import get_fs
+
+    books = Books(*get_fs(str(d)))
+    cat = books.read()
+    for rec in cat.shards.values():
+        ents = [e for e in cat.entries.to_pylist() if e["shard"] == rec.shard]
+        books.commit(type(rec).from_dict({**rec.to_dict(), "entries": [{k: v for k, v in e.items() if k != "shard"}
+                                                                         for e in ents]}))
+    shutil.rmtree(d / "__fcodec__" / "catalog")
+    return d
+
+
+MANIFEST = Path("__fcodec__") / "manifest.json"
+
+
+def markers(ds: Path) -> list[Path]:
+    return sorted((ds / "__fcodec__" / "commits").glob("*.json"))
 
 
 def parts(ds: Path) -> list[Path]:
@@ -61,10 +80,10 @@ def test_clean_dataset_passes_with_a_decoded_sample(clean, capsys):
     assert rep["shards"] == 4 and rep["rows"] == N_IMAGES + N_BAD
     assert rep["ok_rows"] == rep["bitstreams_checked"] == N_IMAGES and rep["failed_rows"] == N_BAD
     assert rep["decoded"] == 3
-    manifest = json.loads((clean / "_manifest.json").read_text())
+    manifest = json.loads((clean / MANIFEST).read_text())
     assert rep["output_bytes"] == manifest["totals"]["output_bytes"] > 0
     assert rep["codec_fingerprint"] == manifest["codec_fingerprint"]
-    assert fcodec(["verify", str(clean)]) == 0
+    assert fcodec(["verify", str(clean)]) == 1  # whole, but with failed rows (the corrupt inputs)
     out = capsys.readouterr().out
     assert out.startswith("OK: the archive is whole") and f"{N_IMAGES + N_BAD} rows ({N_IMAGES} ok, {N_BAD} failed)" in out
 
@@ -81,7 +100,7 @@ def test_flipped_byte_inside_a_bitstream_fails_the_crc(ds, capsys):
     rep = verify_dataset(str(ds))
     assert not rep["ok"] and rep["n_problems"] == 1
     assert "checksum mismatch" in rep["problems"][0]
-    assert fcodec(["verify", str(ds)]) == 1
+    assert fcodec(["verify", str(ds)]) == 3  # not whole
     out = capsys.readouterr().out
     assert out.startswith("FAILED: 1 problems") and "checksum mismatch" in out
 
@@ -108,16 +127,16 @@ def test_orphan_part_file_without_commit_marker(ds):
     shutil.copy(parts(ds)[0], ds / "part-deadbeef.parquet")  # as a run killed between Parquet and marker
     rep = verify_dataset(str(ds))
     assert rep["n_problems"] == 1
-    assert "part-deadbeef.parquet: part file without a commit marker" in rep["problems"][0]
+    assert "part-deadbeef.parquet: part file without a commit record" in rep["problems"][0]
 
 
 def test_manifest_count_mismatch(ds):
-    m = json.loads((ds / "_manifest.json").read_text())
+    m = json.loads((ds / MANIFEST).read_text())
     m["totals"]["rows"] += 1
-    (ds / "_manifest.json").write_text(json.dumps(m))
+    (ds / MANIFEST).write_text(json.dumps(m))
     rep = verify_dataset(str(ds))
     assert not rep["ok"]
-    assert any(f"totals.rows = {N_IMAGES + N_BAD + 1}, the commit markers add up to {N_IMAGES + N_BAD}" in p
+    assert any(f"totals.rows = {N_IMAGES + N_BAD + 1}, the commit records add up to {N_IMAGES + N_BAD}" in p
                for p in rep["problems"])
 
 
@@ -130,19 +149,20 @@ def test_duplicate_keys_across_shards(ds):
 
     rewrite(p1, dup)
     rep = verify_dataset(str(ds))
-    assert rep["n_problems"] == 1 and f"key {key!r}: duplicate key" in rep["problems"][0]
+    assert rep["n_problems"] == 2 and f"key {key!r}: duplicate key" in rep["problems"][0]
+    assert "bound to another key" in rep["problems"][1]  # its record was written for the row's own key
 
 
 def test_incomplete_manifest_and_tmp_leftovers(ds):
-    m = json.loads((ds / "_manifest.json").read_text())
+    m = json.loads((ds / MANIFEST).read_text())
     m["complete"] = False
-    (ds / "_manifest.json").write_text(json.dumps(m))
-    (ds / "_tmp").mkdir()
-    (ds / "_tmp" / "part-x.parquet.1234.part").write_bytes(b"half a file")
+    (ds / MANIFEST).write_text(json.dumps(m))
+    (ds / "__fcodec__" / "tmp").mkdir()
+    (ds / "__fcodec__" / "tmp" / "part-x.parquet.1234.part").write_bytes(b"half a file")
     rep = verify_dataset(str(ds))
     assert rep["n_problems"] == 1 and "incomplete" in rep["problems"][0]
-    assert len(rep["warnings"]) == 1 and "_tmp/" in rep["warnings"][0]
-    assert "warning: _tmp/" in "\n".join(format_report(rep))
+    assert len(rep["warnings"]) == 1 and "__fcodec__/tmp/" in rep["warnings"][0]
+    assert "warning: __fcodec__/tmp/" in "\n".join(format_report(rep))
 
 
 def test_unreadable_part_file(ds):
@@ -171,7 +191,7 @@ def test_s3_dataset(clean, s3_server, s3_bucket, monkeypatch, capsys):
     fs.rm(f"{s3_bucket[5:]}/archive/{parts(clean)[0].name}")
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
-    assert fcodec(["verify", f"{s3_bucket}/archive"]) == 1
+    assert fcodec(["verify", f"{s3_bucket}/archive"]) == 3  # not whole
     out = capsys.readouterr().out
     assert "FAILED" in out and f"{parts(clean)[0].name} is missing" in out
     assert "testing" not in out  # the credentials never show
@@ -183,8 +203,8 @@ def test_row_dropped_from_a_part_file(ds):
     rewrite(p, lambda rows: rows.pop())
     rep = verify_dataset(str(ds))
     assert not rep["ok"] and rep["rows"] == N_IMAGES + N_BAD - 1
-    assert any(f"marker says rows = {n}, the part file has {n - 1}" in x for x in rep["problems"])
-    assert any(f"_manifest.json counts {N_IMAGES + N_BAD} rows, the part files hold {N_IMAGES + N_BAD - 1}" in x
+    assert any(f"commit record says rows = {n}, the part file has {n - 1}" in x for x in rep["problems"])
+    assert any(f"the manifest counts {N_IMAGES + N_BAD} rows, the part files hold {N_IMAGES + N_BAD - 1}" in x
                for x in rep["problems"])
 
 
@@ -250,17 +270,18 @@ def test_unsafe_keys_are_flagged(ds):
 
 
 @pytest.mark.parametrize("target,content,msg", [
-    ("_manifest.json", "[1, 2]", "_manifest.json is a JSON list, expected an object"),
-    ("_manifest.json", '{"complete": true, "totals": []}', "_manifest.json: field 'totals' is a list, expected an object"),
-    ("marker", '["x"]', "is a JSON list, expected an object"),
-    ("marker", '{"file": "part-x.parquet", "rows": "12"}', "field 'rows' is a str, expected an integer"),
+    ("manifest", "[1, 2]", "manifest.json: expected a JSON object, found list"),
+    ("manifest", '{"kind": "foundation-codec bitstream dataset", "layout": 2, "complete": true, "totals": []}',
+     "manifest.json: field 'totals' should be dict, found list"),
+    ("marker", '["x"]', ".json: expected a JSON object, found list"),
+    ("marker", '{"shard": "x", "file": "part-x.parquet", "rows": "12"}', "field 'rows' should be int, found str"),
 ])
 def test_wrong_json_shapes_are_one_line_errors(ds, capsys, target, content, msg):
-    path = ds / "_manifest.json" if target == "_manifest.json" else sorted((ds / "_commits").glob("*.json"))[0]
+    path = ds / MANIFEST if target == "manifest" else markers(ds)[0]
     path.write_text(content)
     rep = verify_dataset(str(ds), hmac_key=None)
     assert not rep["ok"] and any(msg in p for p in rep["problems"]), rep["problems"]
-    assert fcodec(["verify", str(ds)]) == 1
+    assert fcodec(["verify", str(ds)]) == 3
     err = capsys.readouterr()
     assert "AttributeError" not in err.out + err.err and "Traceback" not in err.err
 
@@ -272,9 +293,9 @@ def test_bitstreams_over_the_cap_are_reported_not_loaded(clean):
 
 
 def test_decode_cap_is_never_taken_from_the_manifest(ds):
-    m = json.loads((ds / "_manifest.json").read_text())
-    m["config"]["codec"]["max_pixels"] = 10  # the old verify parsed with this cap (and a large one raised it)
-    (ds / "_manifest.json").write_text(json.dumps(m))
+    m = json.loads((ds / MANIFEST).read_text())
+    m["codec"]["max_pixels"] = 10  # the old verify parsed with this cap (and a large one raised it)
+    (ds / MANIFEST).write_text(json.dumps(m))
     assert verify_dataset(str(ds), hmac_key=None)["ok"]
 
 
@@ -302,17 +323,16 @@ def resign_books(ds: Path, key: bytes) -> None:
 
     books = [{"file": p.name, "rows": pq.read_metadata(p).num_rows, "checksum": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in parts(ds)]
-    m = json.loads((ds / "_manifest.json").read_text())
+    m = json.loads((ds / MANIFEST).read_text())
     m[integrity.MANIFEST_FIELD] = {"algorithm": integrity.ALGORITHM, "books_hmac": integrity.sign_books(key, books)}
-    (ds / "_manifest.json").write_text(json.dumps(m))
+    (ds / MANIFEST).write_text(json.dumps(m))
 
 
 def fix_books(ds: Path) -> None:
     """An attacker without the key: markers and manifest totals made to add up again."""
-    m = json.loads((ds / "_manifest.json").read_text())
+    m = json.loads((ds / MANIFEST).read_text())
     tot = {"rows": 0, "ok": 0, "failed": 0, "output_bytes": 0}
-    markers = sorted((ds / "_commits").glob("*.json"))
-    for mk in markers:
+    for mk in markers(ds):
         d = json.loads(mk.read_text())
         rows = pq.read_table(ds / d["file"]).to_pylist() if (ds / d["file"]).exists() else None
         if rows is None:
@@ -323,9 +343,8 @@ def fix_books(ds: Path) -> None:
         mk.write_text(json.dumps(d))
         for k in tot:
             tot[k] += d[k]
-    m["totals"].update(tot, shards=len(list((ds / "_commits").glob("*.json"))))
-    m["shards_planned"] = m["totals"]["shards"]
-    (ds / "_manifest.json").write_text(json.dumps(m))
+    m["totals"].update(tot, shards=len(markers(ds)))
+    (ds / MANIFEST).write_text(json.dumps(m))
 
 
 def test_hmac_signed_archive_passes_with_the_key_and_says_so_without(ds, monkeypatch, capsys):
@@ -334,7 +353,7 @@ def test_hmac_signed_archive_passes_with_the_key_and_says_so_without(ds, monkeyp
     assert rep["ok"], rep["problems"]
     assert rep["authenticity"] == "checked" and rep["hmac_checked"] == N_IMAGES
     monkeypatch.setenv("FCODEC_HMAC_KEY", KEY.decode())
-    assert fcodec(["verify", str(ds)]) == 0
+    assert fcodec(["verify", str(ds)]) == 1  # whole (failed rows aside), authentic
     assert "authenticity checked: 12 record HMACs and the books signature" in capsys.readouterr().out
     monkeypatch.delenv("FCODEC_HMAC_KEY")
     assert verify_dataset(str(ds))["authenticity"] == "not checked (no key)"
