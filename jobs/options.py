@@ -154,10 +154,11 @@ def load_config_file(path: str, opts=None) -> dict:
     return flat
 
 
-def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Set every option still at its default from --config (flags win; unknown keys are an
     error, so a typo in a scheduled job's config never passes silently); then check that every
-    positional is set."""
+    positional is set. `parser`: the job's own (default: the one cli.py recorded in `args`)."""
+    parser = parser or args._parser
     if getattr(args, "config", None):
         values = load_config_file(args.config, storage_options(args))
         known = {k for k in vars(parser.parse_args([])) if not k.startswith("_")} - {"config", "debug"}

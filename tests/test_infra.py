@@ -401,36 +401,32 @@ def test_no_credentials_in_files():
 
 def test_job_configs_are_valid_option_sets():
     """Every infra/configs/<job>-*.yaml is a complete option set for its job (positionals included)."""
-    from jobs.cli import apply_config, build_parser
+    from jobs.cli import build_parser
+    from jobs.options import apply_config
 
     parser = build_parser()
     for p in sorted((INFRA / "configs").glob("*.yaml")):
         job = re.split(r"[-.]", p.name)[0]
-        args = parser.parse_args([job, "--config", str(p)])
-        if getattr(args, "_config_parser", None) is not None:
-            args = apply_config(args)
-        else:
-            from jobs.compress import resolve_args
-
-            args = resolve_args(args)
+        args = apply_config(parser.parse_args([job, "--config", str(p)]), None)
         cfg = yaml.safe_load(p.read_text())
         for k, v in cfg.items():
             assert getattr(args, k) == v, (p.name, k)
 
 
 def test_generic_config_flags_win_and_positionals_are_required(tmp_path):
-    from jobs.cli import apply_config, build_parser
+    from jobs.cli import build_parser
+    from jobs.options import apply_config
 
     cfg = tmp_path / "v.yaml"
     cfg.write_text("dataset: /data/a\ndecode_sample: 3\n")
     parser = build_parser()
-    args = apply_config(parser.parse_args(["verify", "--config", str(cfg), "--decode-sample", "5"]))
+    args = apply_config(parser.parse_args(["verify", "--config", str(cfg), "--decode-sample", "5"]), None)
     assert (args.dataset, args.decode_sample) == ("/data/a", 5)
     with pytest.raises(ValueError, match="missing DATASET"):
-        apply_config(parser.parse_args(["verify"]))
+        apply_config(parser.parse_args(["verify"]), None)
     cfg.write_text("nope: 1\n")
     with pytest.raises(ValueError, match="unknown options"):
-        apply_config(parser.parse_args(["verify", "--config", str(cfg)]))
+        apply_config(parser.parse_args(["verify", "--config", str(cfg)]), None)
 
 
 @pytest.mark.slow
