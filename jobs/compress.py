@@ -1,13 +1,19 @@
 """`fcodec compress SRC DST`: archive an image dataset (folder, bucket, tar shards, Parquet) to a
-Parquet bitstream dataset, as a Ray job (local Ray, or a cluster with --ray-address auto)."""
+Parquet bitstream dataset, as a Ray job (local Ray, or a cluster with --ray-address auto).
+
+Compress every image under SRC (local folder, s3://, gs://, glob; image files, WebDataset tar
+shards or Parquet with an image column) into a Parquet bitstream dataset at DST. Reruns add
+what is new (resume); failed inputs become status='failed' rows. One run writes a DST at a time
+(a lease).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
 from .common import EXIT_CODES_HELP, exit_code
-from .options import (add_codec_options, add_config_option, add_pool_options, add_positional, add_ray_options,
-                      add_storage_options, codec_given, ray_starter, storage_options)
+from .options import (add_codec_options, add_config_option, add_pool_options, add_ray_options, add_storage_options,
+                      codec_given, job_parser, ray_starter, storage_options)
 
 
 def add_dataset_job_args(p: argparse.ArgumentParser) -> None:
@@ -53,14 +59,10 @@ def run_dataset_job(args: argparse.Namespace, which: str) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compress", help="archive a folder/bucket of images to a Parquet bitstream dataset (Ray job)",
-                       description="Compress every image under SRC (local folder, s3://, gs://, glob; image files, "
-                                   "WebDataset tar shards or Parquet with an image column) into a Parquet bitstream "
-                                   "dataset at DST. Reruns add what is new (resume); failed inputs become "
-                                   "status='failed' rows. One run writes a DST at a time (a lease).",
-                       epilog=EXIT_CODES_HELP)
-    add_positional(p, "src", "input folder, bucket prefix, glob or file")
-    add_positional(p, "dst", "output dataset folder or bucket prefix")
+    p = job_parser(sub, "compress", help="archive a folder/bucket of images to a Parquet bitstream dataset (Ray job)",
+                   description=__doc__,
+                   epilog=EXIT_CODES_HELP,
+                   positionals=[("src", "input folder, bucket prefix, glob or file"), ("dst", "output dataset folder or bucket prefix")])
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: detected)")
     p.add_argument("--keep-columns", default=None, metavar="A,B,...",
                    help="Parquet inputs: the other columns carried into the dataset (default: all; '' for none)")

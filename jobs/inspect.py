@@ -1,21 +1,23 @@
 """`fcodec inspect FILE.fdc | DATASET`: what a record's header or a dataset's manifest says,
-without loading any model (codec/inspect.py)."""
+without loading any model (codec/inspect.py).
+
+Print a record's header (format version, backbone name and fingerprint, entropy model, codec
+fingerprint, t, γ, sizes, string lengths, CRC) or a local dataset's manifest summary (codec,
+counts, shards, mean bpp, dates, the software version that wrote it). Exit 0: readable; 1: the
+record's checksum is wrong; 2: not a record or dataset (truncated, unreadable).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
-from .options import add_positional
+from .options import job_parser
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("inspect", help="show a .fdc record's header or a bitstream dataset's summary",
-                       description="Print a record's header (format version, backbone name and fingerprint, "
-                                   "entropy model, codec fingerprint, t, γ, sizes, string lengths, CRC) or a "
-                                   "local dataset's manifest summary (codec, counts, shards, mean bpp, dates, "
-                                   "the software version that wrote it). Exit 0: readable; 1: the record's "
-                                   "checksum is wrong; 2: not a record or dataset (truncated, unreadable).")
-    add_positional(p, "path", "a .fdc file or a bitstream dataset folder")
+    p = job_parser(sub, "inspect", help="show a .fdc record's header or a bitstream dataset's summary",
+                   description=__doc__,
+                   positionals=[("path", "a .fdc file or a bitstream dataset folder")])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

@@ -112,6 +112,15 @@ def ray_starter(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------- positionals and --config
+def job_parser(sub, name: str, help: str, description: str, positionals: list[tuple[str, str]] = (),
+               epilog: str | None = None) -> argparse.ArgumentParser:
+    """A job's subcommand with its positionals (each may also come from --config)."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog)
+    for pname, phelp in positionals:
+        add_positional(p, pname, phelp)
+    return p
+
+
 def add_positional(p: argparse.ArgumentParser, name: str, help: str) -> None:
     """A positional that may also come from --config (checked after the file is applied)."""
     p.add_argument(name, nargs="?", default=None, help=help + " (or in --config)")

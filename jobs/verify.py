@@ -1,30 +1,31 @@
 """`fcodec verify DATASET`: check every record of a bitstream dataset without decoding it
 (Parquet, schema, CRC, hashes, fingerprints, size and t columns, v2 binding tags, safe keys,
 counts against the books, duplicates, orphan part files; with an HMAC key, record and books
-signatures); exit 0 only when the archive is whole."""
+signatures); exit 0 only when the archive is whole.
+
+Check every record of a `fcodec compress` dataset: readable Parquet with the bitstream schema,
+every ok row's bitstream parses (magic, version, CRC, lengths) and matches its sha256, n_bytes,
+size and codec fingerprint; row counts and totals match the commit records and the manifest; no
+duplicate or unsafe keys; no part file without a commit record; the width/height/t columns
+match the records and v2 records are bound to their row's key and source_sha256. With
+$FCODEC_HMAC_KEY (or --hmac-key-file) also every record's HMAC and the books signature.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
-from .options import add_codec_options, add_positional, add_storage_options, codec_given, storage_options
+from .options import add_codec_options, add_storage_options, codec_given, job_parser, storage_options
 
 EXIT_WHOLE, EXIT_WHOLE_WITH_FAILED_ROWS, EXIT_PROBLEMS = 0, 1, 3  # 2: could not be read at all
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("verify", help="check a bitstream dataset is whole (CRC, hashes, counts) without decoding it",
-                       description="Check every record of a `fcodec compress` dataset: readable Parquet with the "
-                                   "bitstream schema, every ok row's bitstream parses (magic, version, CRC, lengths) "
-                                   "and matches its sha256, n_bytes, size and codec fingerprint; row counts and "
-                                   "totals match the commit records and the manifest; no duplicate or unsafe keys; "
-                                   "no part file without a commit record; the width/height/t columns match the "
-                                   "records and v2 records are bound to their row's key and source_sha256. With "
-                                   "$FCODEC_HMAC_KEY (or --hmac-key-file) also every record's HMAC and the books "
-                                   "signature.",
-                       epilog="exit codes: 0 = whole; 1 = whole, but with failed rows (recorded failures of the "
-                              "compress job); 3 = problems (listed); 2 = the dataset could not be read at all")
-    add_positional(p, "dataset", "bitstream dataset folder or bucket prefix (s3://bucket/prefix)")
+    p = job_parser(sub, "verify", help="check a bitstream dataset is whole (CRC, hashes, counts) without decoding it",
+                   description=__doc__,
+                   epilog="exit codes: 0 = whole; 1 = whole, but with failed rows (recorded failures of the "
+                          "compress job); 3 = problems (listed); 2 = the dataset could not be read at all",
+                   positionals=[("dataset", "bitstream dataset folder or bucket prefix (s3://bucket/prefix)")])
     p.add_argument("--decode-sample", type=int, default=0, metavar="N",
                    help="also decode N random ok rows with the dataset's codec (its manifest) and check their size")
     p.add_argument("--seed", type=int, default=0, help="seed of the decode sample (default: %(default)s)")
