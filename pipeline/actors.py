@@ -46,7 +46,7 @@ class EncodeActor:
     def __init__(self, spec: CodecSpec | dict) -> None:
         self.codec = as_spec(spec).build()
         self.fingerprint = codec_fingerprint_hex(self.codec)
-        from codec import CODEC_VERSION
+        from codec.version import CODEC_VERSION  # not `codec`: that loads torch (model.py)
 
         self.version = CODEC_VERSION
         self.worker = worker_id()

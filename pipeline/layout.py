@@ -150,7 +150,12 @@ class CommitRecord:
              "committed_at": (str, False), "source_file": (str, False)}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # what asdict() gives, built directly: asdict's recursive deep copy cost ~1.5 ms for a
+        # 256-entry record, per shard, on the driver
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(entries=[dict(vars(e)) for e in self.entries], supersedes=list(self.supersedes),
+                 failures=[dict(x) for x in self.failures], errors=dict(self.errors))
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "commit record") -> "CommitRecord":
