@@ -31,9 +31,30 @@ class Catalog:
 
     layout: int
     shards: dict[str, L.CommitRecord] = field(default_factory=dict)
-    entries: pa.Table = field(default_factory=L.ENTRIES_SCHEMA.empty_table)
     loose: list[str] = field(default_factory=list)  # loose record paths folded in (compaction removes them)
     manifest: L.Manifest | None = None
+    # The key index, with the folds not yet applied to it: shards whose rows to drop, and new
+    # rows per shard. A fold per commit only records them; `entries` applies them all at once
+    # when next read, so committing a shard costs O(its keys), not O(the index).
+    base: pa.Table = field(default_factory=L.ENTRIES_SCHEMA.empty_table, repr=False)
+    drop: set = field(default_factory=set, repr=False)
+    add: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def entries(self) -> pa.Table:
+        """The key index: one row per listing entry of a live shard (ENTRIES_SCHEMA)."""
+        if self.drop or self.add:
+            ents = self.base
+            if self.drop and ents.num_rows:
+                gone = pa.array(sorted(self.drop), pa.string())
+                ents = ents.filter(pc.invert(pc.is_in(ents.column("shard"), value_set=gone)))
+            self.base = pa.concat_tables([ents, *self.add.values()])
+            self.drop, self.add = set(), {}
+        return self.base
+
+    @entries.setter
+    def entries(self, table: pa.Table) -> None:
+        self.base, self.drop, self.add = table, set(), {}
 
     def totals(self) -> dict:
         """Dataset totals over the live shards."""
@@ -230,24 +251,19 @@ def fold(cat: Catalog, recs: list[L.CommitRecord]) -> None:
     if not recs:
         return
     recs = sorted(recs, key=lambda r: (r.committed_at or "", r.shard))
-    removed: set[str] = set()
-    new_rows: dict[str, list[dict]] = {}
     for r in recs:
         for s in [*r.supersedes, r.shard]:
-            # Only a shard live before can have rows in the key index (Books.read keeps it to live
-            # shards), so a run's fresh commits skip the O(index) filter below.
+            cat.add.pop(s, None)  # rows folded earlier but not yet applied
+            # rows in the applied index (dropped once, on the next read of `entries`); only a shard
+            # live before has any there (Books.read keeps the index to live shards)
             if cat.shards.pop(s, None) is not None:
-                removed.add(s)
-            new_rows.pop(s, None)
+                cat.drop.add(s)
         if r.file or r.rows:  # a record without rows only drops the shards it supersedes
             cat.shards[r.shard] = r
-            new_rows[r.shard] = [{"entry": e.entry, "shard": r.shard, "size": e.size, "token": e.token,
-                                  "sha256": e.sha256, "failed": e.failed} for e in r.entries]
-    ents = cat.entries
-    if removed and ents.num_rows:
-        ents = ents.filter(pc.invert(pc.is_in(ents.column("shard"), value_set=pa.array(sorted(removed), pa.string()))))
-    rows = [x for v in new_rows.values() for x in v]
-    cat.entries = pa.concat_tables([ents, pa.Table.from_pylist(rows, schema=L.ENTRIES_SCHEMA)])
+            e = r.entries
+            cat.add[r.shard] = pa.table([[x.entry for x in e], [r.shard] * len(e), [x.size for x in e],
+                                         [x.token for x in e], [x.sha256 for x in e], [x.failed for x in e]],
+                                        schema=L.ENTRIES_SCHEMA)
 
 
 def part_record(fs, path: str) -> L.CommitRecord | None:

@@ -101,27 +101,28 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
         pa.nulls(n_listed, pa.int32())
     known = pc.is_valid(pos)
     seen = np.zeros(ents.num_rows, dtype=bool)
-    hit = pos.filter(known)
-    seen[hit.to_numpy(zero_copy_only=False)] = True
-    # the listing's rows that are in the index, side by side with their index rows
-    old = lst.filter(known)
-    at = ents.take(hit) if ents.num_rows else ents
+    seen[pos.filter(known).to_numpy(zero_copy_only=False)] = True
+    # the index's columns the diff needs, aligned with the listing (null for new keys): no copy
+    # of whole tables, a few bytes a key
+    at = {c: (pc.take(ents.column(c), pos) if ents.num_rows else pa.nulls(n_listed, ents.schema.field(c).type))
+          for c in ("size", "token", "failed")}
     # suspect: the index has a token and the listing's token or (known) size differs from it
-    sz, tok = at.column("size"), at.column("token")
-    tok_ne = pc.fill_null(pc.not_equal(tok, old.column("token")), True)
-    sz_ne = pc.and_(pc.is_valid(sz), pc.fill_null(pc.not_equal(sz, old.column("size")), True))
-    differs = pc.and_(pc.is_valid(tok), pc.or_(tok_ne, sz_ne))
-    was_failed = pc.fill_null(pc.not_equal(at.column("failed"), 0), False)
+    tok_ne = pc.fill_null(pc.not_equal(at["token"], lst.column("token")), True)
+    sz_ne = pc.and_(pc.is_valid(at["size"]), pc.fill_null(pc.not_equal(at["size"], lst.column("size")), True))
+    differs = pc.and_(pc.is_valid(at["token"]), pc.or_(tok_ne, sz_ne))
+    was_failed = pc.fill_null(pc.not_equal(at["failed"], 0), False)
     want = pc.or_(differs, was_failed) if retry_failed else differs
+    del at, tok_ne, sz_ne
     # only these keys become Python objects
-    idx = _rows(at.filter(want), ("entry", "shard", "size", "token", "sha256", "failed"))
+    cols = ("entry", "shard", "size", "token", "sha256", "failed")
+    idx = _rows(ents.take(pos.filter(want)), cols) if ents.num_rows else {}
     gone_rows = ents.filter(pa.array(~seen)) if ents.num_rows else ents
     vanished = gone_rows.column("entry").to_pylist()
-    idx.update(_rows(gone_rows, ("entry", "shard", "size", "token", "sha256", "failed")))
+    idx.update(_rows(gone_rows, cols))
     new_t = lst.filter(pc.invert(known))
-    listed = _rows(pa.concat_tables([new_t, old.filter(want)]), ("key", "url", "kind", "size", "token"))
+    listed = _rows(pa.concat_tables([new_t, lst.filter(want)]), ("key", "url", "kind", "size", "token"))
     new = new_t.column("key").to_pylist()
-    suspect = old.filter(differs).column("key").to_pylist()
+    suspect = lst.filter(differs).column("key").to_pylist()
     plan = Plan()
     changed, same = [], []
     if mode == "sync":
@@ -130,7 +131,7 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
             hashes = dict(zip(todo, pool.map(lambda k: hasher(listed[k][0]) if hasher else None, todo)))
         for k in suspect:
             (same if k in hashes and hashes[k] == idx[k][3] else changed).append(k)
-    failed = old.filter(was_failed).column("key").to_pylist() if retry_failed else []
+    failed = lst.filter(was_failed).column("key").to_pylist() if retry_failed else []
     plan.found = {"listed": n_listed, "new": len(new), "vanished": len(vanished),
                   "changed": len(suspect) - len(same), "unchanged": n_listed - len(new) - len(suspect) + len(same),
                   "retried": 0, "dropped": 0, "mode": mode}
