@@ -33,6 +33,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sections", default="stages,fastpath,pipeline,scaling,memory,gpu",
                    help="comma list of sections to run (default: %(default)s)")
     p.add_argument("--docs", default=None, metavar="FILE", help="also rewrite this Markdown file (e.g. docs/performance.md)")
+    # simulated cluster (pipeline/simcluster.py): the real compress job on K fake-GPU nodes, stand-in codec
+    p.add_argument("--sim-cluster", type=int, default=0, metavar="K",
+                   help="also run the simulated-cluster section on K fake-GPU nodes (default: skip)")
+    p.add_argument("--sim-inputs", type=int, default=20000, metavar="N", help="tiny PNG inputs (default: %(default)s)")
+    p.add_argument("--sim-latency-ms", type=float, default=100.0, metavar="MS",
+                   help="stand-in codec's sleep per batch (default: %(default)s)")
+    p.add_argument("--sim-batch", type=int, default=8, help="images per stand-in batch (default: %(default)s)")
+    p.add_argument("--sim-sweep", default="", metavar="K,K", help="smaller cluster sizes to run too, e.g. 1,4,8 (the knee)")
     return p
 
 
@@ -50,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
                  "params": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     imgs = [sample_image(i, args.size, args.size) for i in range(4)]
+    if getattr(args, "sim_cluster", 0):  # runs in subprocesses with their own Ray: before this process starts one
+        from pipeline.simcluster import bench_section
+
+        res["sim_cluster"] = bench_section(args.sim_cluster, args.sim_inputs, args.sim_latency_ms, args.sim_batch,
+                                           workdir=out / "sim", sweep=tuple(int(x) for x in args.sim_sweep.split(",") if x))
 
     if "stages" in sections:
         res["stages"] = {"tiny": stage_breakdown(load_codec("tiny"), imgs, t=args.t, steps=args.steps)}

@@ -175,7 +175,7 @@ def run_isolated(k: int, n_inputs: int, latency_ms: float, batch: int, workdir: 
 
 def bench_section(k: int = 16, n_inputs: int = 20000, latency_ms: float = 100.0, batch: int = 8,
                   workdir: str | Path | None = None, sweep: tuple[int, ...] = (), memory_10x: bool = True,
-                  echo=print) -> dict:
+                  shard_size: int = 256, echo=print) -> dict:
     """The `sim_cluster` section of `fcodec bench`: K nodes at 1x the inputs (and 10x for the
     driver's memory), plus a sweep of smaller K at the same per-actor rate (the knee)."""
     own = workdir is None
@@ -183,15 +183,16 @@ def bench_section(k: int = 16, n_inputs: int = 20000, latency_ms: float = 100.0,
     try:
         runs = {}
         for kk in sorted(set(sweep) | {k}):
-            r = run_isolated(kk, n_inputs, latency_ms, batch, workdir)
+            r = run_isolated(kk, n_inputs, latency_ms, batch, workdir, shard_size=shard_size)
             runs[kk] = r
             echo(f"simulated cluster: {kk} GPUs at {r['of_ideal'] or 0:.2f}× of ideal "
                  f"({r['sustained_images_per_s'] or 0:.0f} of {r['ideal_images_per_s']:.0f} images/s); "
                  f"driver CPU: {r['driver_cpu_ms_per_1000']:.1f} ms per 1000 images; "
                  f"CPUs {100 * (r['machine_busy_fraction'] or 0):.0f}% busy")
-        out = {"k": k, "inputs": n_inputs, "latency_ms": latency_ms, "batch": batch, "runs": runs}
+        out = {"k": k, "inputs": n_inputs, "latency_ms": latency_ms, "batch": batch, "shard_size": shard_size,
+               "runs": runs}
         if memory_10x:
-            big = run_isolated(k, 10 * n_inputs, latency_ms, batch, workdir)
+            big = run_isolated(k, 10 * n_inputs, latency_ms, batch, workdir, shard_size=shard_size)
             a, b = runs[k]["driver_peak_rss_mb"], big["driver_peak_rss_mb"]
             out.update(run_10x=big, driver_rss_growth=b / a - 1)
             echo(f"driver peak RSS: {a:.0f} MB at {n_inputs} inputs, {b:.0f} MB at {10 * n_inputs} ({100 * (b / a - 1):+.1f}%)")
