@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -259,8 +259,8 @@ def fold(cat: Catalog, recs: list[L.CommitRecord]) -> None:
             if cat.shards.pop(s, None) is not None:
                 cat.drop.add(s)
         if r.file or r.rows:  # a record without rows only drops the shards it supersedes
-            cat.shards[r.shard] = r
             e = r.entries
+            cat.shards[r.shard] = replace(r, entries=[])  # its entries live in the key index only
             cat.add[r.shard] = pa.table([[x.entry for x in e], [r.shard] * len(e), [x.size for x in e],
                                          [x.token for x in e], [x.sha256 for x in e], [x.failed for x in e]],
                                         schema=L.ENTRIES_SCHEMA)
