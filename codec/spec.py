@@ -129,6 +129,10 @@ class CodecSpec:
     # ------------------------------------------------------------------ building
     def build(self):
         """The ready codec these options describe (loads torch and the weights)."""
+        if self.baseline and self.baseline.split(":")[0] == "standin":  # benchmarks: sleeps, no model
+            from .standin import StandinCodec, parse_standin
+
+            return StandinCodec(*parse_standin(self.baseline), batch_size=int(self.batch_size))
         if self.baseline:
             from .baselines import make_baseline
 

@@ -28,6 +28,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sections", default="stages,fastpath,pipeline,scaling,memory,gpu",  # = pipeline.bench.SECTIONS
                    help="comma list of sections to run (default: %(default)s)")
     p.add_argument("--docs", default=None, metavar="FILE", help="also rewrite this Markdown file (e.g. docs/performance.md)")
+    # simulated cluster (pipeline/simcluster.py): the real compress job on K fake-GPU nodes, stand-in codec
+    p.add_argument("--sim-cluster", type=int, default=0, metavar="K",
+                   help="also run the simulated-cluster section on K fake-GPU nodes (default: skip)")
+    p.add_argument("--sim-inputs", type=int, default=20000, metavar="N", help="tiny PNG inputs (default: %(default)s)")
+    p.add_argument("--sim-latency-ms", type=float, default=100.0, metavar="MS",
+                   help="stand-in codec's sleep per batch (default: %(default)s)")
+    p.add_argument("--sim-batch", type=int, default=8, help="images per stand-in batch (default: %(default)s)")
+    p.add_argument("--sim-sweep", default="", metavar="K,K", help="smaller cluster sizes to run too, e.g. 1,4,8 (the knee)")
     return p
 
 
@@ -41,7 +49,15 @@ def run(args: argparse.Namespace) -> int:
                       batch=args.batch, repeats=args.repeats, shared=str(shared),
                       sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()))
     out = Path(args.out)
+    sim = None
+    if args.sim_cluster:  # runs in subprocesses with their own Ray: before this process starts one
+        from pipeline.simcluster import bench_section
+
+        sim = bench_section(args.sim_cluster, args.sim_inputs, args.sim_latency_ms, args.sim_batch,
+                            workdir=out / "sim", sweep=tuple(int(x) for x in args.sim_sweep.split(",") if x))
     res = run_bench(cfg, sample_image, lambda d, n, size: write_samples(d, n=n, sizes=((size, size),)), out / "data")
+    if sim is not None:
+        res["sim_cluster"] = sim
     write_report(res, out, args.docs)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0

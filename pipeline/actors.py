@@ -47,7 +47,7 @@ class EncodeActor:
         self.codec = as_spec(spec).build()
         self.fingerprint = codec_fingerprint_hex(self.codec)
         self.binds = hasattr(self.codec, "entropy")  # ours (a baseline has no records to bind)
-        from codec import CODEC_VERSION
+        from codec.version import CODEC_VERSION  # not `codec`: that loads torch (model.py)
 
         self.version = CODEC_VERSION
         self.worker = worker_id()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,9 +31,30 @@ class Catalog:
 
     layout: int
     shards: dict[str, L.CommitRecord] = field(default_factory=dict)
-    entries: pa.Table = field(default_factory=L.ENTRIES_SCHEMA.empty_table)
     loose: list[str] = field(default_factory=list)  # loose record paths folded in (compaction removes them)
     manifest: L.Manifest | None = None
+    # The key index, with the folds not yet applied to it: shards whose rows to drop, and new
+    # rows per shard. A fold per commit only records them; `entries` applies them all at once
+    # when next read, so committing a shard costs O(its keys), not O(the index).
+    base: pa.Table = field(default_factory=L.ENTRIES_SCHEMA.empty_table, repr=False)
+    drop: set = field(default_factory=set, repr=False)
+    add: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def entries(self) -> pa.Table:
+        """The key index: one row per listing entry of a live shard (ENTRIES_SCHEMA)."""
+        if self.drop or self.add:
+            ents = self.base
+            if self.drop and ents.num_rows:
+                gone = pa.array(sorted(self.drop), pa.string())
+                ents = ents.filter(pc.invert(pc.is_in(ents.column("shard"), value_set=gone)))
+            self.base = pa.concat_tables([ents, *self.add.values()])
+            self.drop, self.add = set(), {}
+        return self.base
+
+    @entries.setter
+    def entries(self, table: pa.Table) -> None:
+        self.base, self.drop, self.add = table, set(), {}
 
     def totals(self) -> dict:
         """Dataset totals over the live shards."""
@@ -120,7 +141,10 @@ class Books:
             for sid, rec in zip(t.column("shard").to_pylist(), t.column("record").to_pylist()):
                 cat.shards[sid] = L.CommitRecord.from_dict(L.loads_json(rec.encode(), sp), f"{sp}: shard {sid}")
         if self.fs.exists(ep):
-            cat.entries = self._read_parquet(ep).cast(L.ENTRIES_SCHEMA)
+            ents = self._read_parquet(ep).cast(L.ENTRIES_SCHEMA)
+            # keys of shards no longer live (a compaction stopped between its two files) are stale
+            live = pc.is_in(ents.column("shard"), value_set=pa.array(sorted(cat.shards), pa.string()))
+            cat.entries = ents if pc.all(live).as_py() in (True, None) else ents.filter(live)
         loose = [p for p in self._ls(L.COMMITS) if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
         recs = [L.CommitRecord.from_dict(L.loads_json(b, p), p) for p, b in self._cat(loose).items()]
         fold(cat, recs)
@@ -164,7 +188,9 @@ class Books:
     # ------------------------------------------------------------------ writing
     def commit(self, rec: L.CommitRecord) -> None:
         """Persist one shard's commit record (the shard counts from now on)."""
-        write_atomic(self.fs, self.path(f"{L.COMMITS}/{rec.shard}.json"), L.dumps_json(rec.to_dict()))
+        # compact JSON: a machine file, written once per shard by the driver (indenting doubled its cost)
+        data = (json.dumps(rec.to_dict(), separators=(",", ":"), default=str) + "\n").encode()
+        write_atomic(self.fs, self.path(f"{L.COMMITS}/{rec.shard}.json"), data)
 
     def write_manifest(self, m: L.Manifest) -> None:
         write_atomic(self.fs, self.path(L.MANIFEST), L.dumps_json(m.to_dict()))
@@ -225,22 +251,19 @@ def fold(cat: Catalog, recs: list[L.CommitRecord]) -> None:
     if not recs:
         return
     recs = sorted(recs, key=lambda r: (r.committed_at or "", r.shard))
-    removed: set[str] = set()
-    new_rows: dict[str, list[dict]] = {}
     for r in recs:
         for s in [*r.supersedes, r.shard]:
-            cat.shards.pop(s, None)
-            new_rows.pop(s, None)
-            removed.add(s)
+            cat.add.pop(s, None)  # rows folded earlier but not yet applied
+            # rows in the applied index (dropped once, on the next read of `entries`); only a shard
+            # live before has any there (Books.read keeps the index to live shards)
+            if cat.shards.pop(s, None) is not None:
+                cat.drop.add(s)
         if r.file or r.rows:  # a record without rows only drops the shards it supersedes
-            cat.shards[r.shard] = r
-            new_rows[r.shard] = [{"entry": e.entry, "shard": r.shard, "size": e.size, "token": e.token,
-                                  "sha256": e.sha256, "failed": e.failed} for e in r.entries]
-    ents = cat.entries
-    if removed and ents.num_rows:
-        ents = ents.filter(pc.invert(pc.is_in(ents.column("shard"), value_set=pa.array(sorted(removed), pa.string()))))
-    rows = [x for v in new_rows.values() for x in v]
-    cat.entries = pa.concat_tables([ents, pa.Table.from_pylist(rows, schema=L.ENTRIES_SCHEMA)])
+            e = r.entries
+            cat.shards[r.shard] = replace(r, entries=[])  # its entries live in the key index only
+            cat.add[r.shard] = pa.table([[x.entry for x in e], [r.shard] * len(e), [x.size for x in e],
+                                         [x.token for x in e], [x.sha256 for x in e], [x.failed for x in e]],
+                                        schema=L.ENTRIES_SCHEMA)
 
 
 def dataset_codec(m: L.Manifest | None, given, where: str):

@@ -22,8 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from . import layout as L
 from .catalog import Catalog
+from .sources import LISTING_SCHEMA
 
 MODES = ("extend", "sync")
 
@@ -60,21 +65,64 @@ def file_sha256(url: str, opts) -> str | None:
         return None
 
 
-def plan_compress(listing: list[tuple], cat: Catalog, shard_size: int, run_id: str, mode: str = "extend",
+def listing_table(listing) -> pa.Table:
+    """A listing as an Arrow table (LISTING_SCHEMA): given as one, or as (key, url, kind, size,
+    token) tuples."""
+    if isinstance(listing, pa.Table):
+        return listing.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
+    rows = list(listing)
+    cols = list(zip(*rows)) if rows else [[] for _ in LISTING_SCHEMA]
+    return pa.table([pa.array(list(c), f.type) for c, f in zip(cols, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
+
+
+def _rows(table: pa.Table, cols: tuple[str, ...]) -> dict:
+    """{first column: (other columns...)} of a (small) table."""
+    vals = [table.column(c).to_pylist() for c in cols]
+    return {v[0]: tuple(v[1:]) for v in zip(*vals)}
+
+
+def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int, run_id: str, mode: str = "extend",
                   retry_failed: bool = False, max_shards: int | None = None,
                   hasher: Callable[[str], str | None] | None = None) -> Plan:
-    """The work of one compress run. `listing` holds (key, url, kind, size, token) tuples."""
+    """The work of one compress run. `listing` holds (key, url, kind, size, token) tuples, or is
+    an Arrow table of those columns (`sources.list_entries_table`).
+
+    The diff of the listing against the key index runs on Arrow columns (one hash lookup of
+    the listed keys in the index, vectorised comparisons), so its memory is a few bytes per
+    key beyond the two tables; Python objects are made only for keys that need work (new,
+    changed, vanished, failed)."""
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r} (choose {', '.join(MODES)})")
     shard_size = max(1, int(shard_size))
+    lst = listing_table(listing)
     ents = cat.entries
-    idx = {e: (s, sz, tok, sha, fl) for e, s, sz, tok, sha, fl in zip(
-        *(ents.column(c).to_pylist() for c in ("entry", "shard", "size", "token", "sha256", "failed")))}
-    listed = {k: (u, kind, sz, tok) for k, u, kind, sz, tok in listing}
-    new = [k for k in listed if k not in idx]
-    vanished = [e for e in idx if e not in listed]
-    suspect = [k for k in listed if k in idx and idx[k][2] is not None and
-               (idx[k][2] != listed[k][3] or (idx[k][1] is not None and idx[k][1] != listed[k][2]))]
+    n_listed = lst.num_rows
+    pos = pc.index_in(lst.column("key"), value_set=ents.column("entry")) if ents.num_rows else \
+        pa.nulls(n_listed, pa.int32())
+    known = pc.is_valid(pos)
+    seen = np.zeros(ents.num_rows, dtype=bool)
+    seen[pos.filter(known).to_numpy(zero_copy_only=False)] = True
+    # the index's columns the diff needs, aligned with the listing (null for new keys): no copy
+    # of whole tables, a few bytes a key
+    at = {c: (pc.take(ents.column(c), pos) if ents.num_rows else pa.nulls(n_listed, ents.schema.field(c).type))
+          for c in ("size", "token", "failed")}
+    # suspect: the index has a token and the listing's token or (known) size differs from it
+    tok_ne = pc.fill_null(pc.not_equal(at["token"], lst.column("token")), True)
+    sz_ne = pc.and_(pc.is_valid(at["size"]), pc.fill_null(pc.not_equal(at["size"], lst.column("size")), True))
+    differs = pc.and_(pc.is_valid(at["token"]), pc.or_(tok_ne, sz_ne))
+    was_failed = pc.fill_null(pc.not_equal(at["failed"], 0), False)
+    want = pc.or_(differs, was_failed) if retry_failed else differs
+    del at, tok_ne, sz_ne
+    # only these keys become Python objects
+    cols = ("entry", "shard", "size", "token", "sha256", "failed")
+    idx = _rows(ents.take(pos.filter(want)), cols) if ents.num_rows else {}
+    gone_rows = ents.filter(pa.array(~seen)) if ents.num_rows else ents
+    vanished = gone_rows.column("entry").to_pylist()
+    idx.update(_rows(gone_rows, cols))
+    new_t = lst.filter(pc.invert(known))
+    listed = _rows(pa.concat_tables([new_t, lst.filter(want)]), ("key", "url", "kind", "size", "token"))
+    new = new_t.column("key").to_pylist()
+    suspect = lst.filter(differs).column("key").to_pylist()
     plan = Plan()
     changed, same = [], []
     if mode == "sync":
@@ -83,9 +131,9 @@ def plan_compress(listing: list[tuple], cat: Catalog, shard_size: int, run_id: s
             hashes = dict(zip(todo, pool.map(lambda k: hasher(listed[k][0]) if hasher else None, todo)))
         for k in suspect:
             (same if k in hashes and hashes[k] == idx[k][3] else changed).append(k)
-    failed = [k for k in listed if k in idx and idx[k][4] and retry_failed]
-    plan.found = {"listed": len(listed), "new": len(new), "vanished": len(vanished),
-                  "changed": len(suspect) - len(same), "unchanged": len(listed) - len(new) - len(suspect) + len(same),
+    failed = lst.filter(was_failed).column("key").to_pylist() if retry_failed else []
+    plan.found = {"listed": n_listed, "new": len(new), "vanished": len(vanished),
+                  "changed": len(suspect) - len(same), "unchanged": n_listed - len(new) - len(suspect) + len(same),
                   "retried": 0, "dropped": 0, "mode": mode}
 
     seq = iter(range(1 << 30))
@@ -101,9 +149,10 @@ def plan_compress(listing: list[tuple], cat: Catalog, shard_size: int, run_id: s
         touched.setdefault(idx[k][0], {"encode": set(), "drop": set(), "retoken": set()})["retoken"].add(k)
 
     by_shard: dict[str, list[dict]] = {}
-    for e, (s, sz, tok, sha, fl) in idx.items():
-        if s in touched:
-            by_shard.setdefault(s, []).append({"entry": e, "size": sz, "token": tok, "sha256": sha, "failed": fl})
+    if touched:
+        rows = ents.filter(pc.is_in(ents.column("shard"), value_set=pa.array(sorted(touched), pa.string())))
+        for r in rows.to_pylist():
+            by_shard.setdefault(r.pop("shard"), []).append(r)
     for sid, t in sorted(touched.items()):
         old = cat.shards.get(sid)
         if old is None:

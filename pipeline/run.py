@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import pyarrow.compute as pc
 
+import pyarrow.compute as pc
+
 from codec.spec import CodecSpec, backbone_origin
 
 from . import layout as L
@@ -35,7 +37,7 @@ from .dedupe import Claims
 from .lease import acquire
 from .plan import plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
-from .sources import list_entries
+from .sources import list_entries_table
 from .storage import StorageOptions, full_url, get_fs, join
 from .workers import Progress, ShardDecoder, ShardEncoder
 
@@ -299,10 +301,10 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
     """Compress every input under cfg.src into the bitstream dataset at cfg.dst; returns stats."""
     t0 = time.perf_counter()
     fs, root = get_fs(cfg.dst, opts)
-    listing, ignored = list_entries(cfg.src, opts)
+    listing, ignored = list_entries_table(cfg.src, opts)  # Arrow: tens of bytes a key
     inside = full_url(fs, root).rstrip("/") + "/"
-    listing = [x for x in listing if not x[1].startswith(inside)]  # DST inside SRC: never read our own output
-    if not listing:
+    listing = listing.filter(pc.invert(pc.starts_with(listing.column("url"), inside)))  # DST inside SRC: never read our own output
+    if not listing.num_rows:
         raise ValueError(f"no images, tar shards or Parquet files under {cfg.src} ({ignored} other files ignored)")
     with writing(fs, root, cfg.lease_ttl_s) as (books, cat, run_id):
         recon = reconcile(books, cat, echo)

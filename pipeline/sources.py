@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow as pa
+
 from .storage import StorageOptions, full_url, get_fs
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
@@ -80,45 +82,86 @@ def list_inputs(src: str, opts: StorageOptions | None = None) -> tuple[list[tupl
     return [e[:4] for e in entries], ignored
 
 
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("kind", pa.string()), ("size", pa.int64()),
+                            ("token", pa.string())])
+
+
 def list_entries(src: str, opts: StorageOptions | None = None) -> tuple[list[tuple[str, str, str, int, str]], int]:
     """Like `list_inputs`, with a change token per entry: (key, url, kind, size, token), where the
     token is what the store says changes with the content (ETag on S3, generation on GCS, mtime
     locally), so a rerun can tell changed sources from unchanged ones without reading them.
 
     A path that exists is taken literally, even with `[ ] * ?` in its name; only a path that
-    does not exist is expanded as a glob.
+    does not exist is expanded as a glob. (`list_entries_table` is the same listing as an Arrow
+    table, for listings too large for Python tuples.)
     """
-    fs, path = get_fs(src, opts)
-    path = path.rstrip("/") or "/"
+    table, ignored = list_entries_table(src, opts)
+    return list(zip(*(table.column(c).to_pylist() for c in LISTING_SCHEMA.names))), ignored
+
+
+def _listed(fs, path: str) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """(root the keys are relative to, (path, info) of every object), directory by directory."""
     if fs.exists(path):
-        if fs.isdir(path):
-            root, files = path, fs.find(path, detail=True)
-        else:
-            root, files = posixpath.dirname(path), {path: fs.info(path)}
-    elif any(c in GLOB_CHARS for c in path):
+        if not fs.isdir(path):
+            return posixpath.dirname(path), iter([(path, fs.info(path))])
+
+        def walk() -> Iterator[tuple[str, dict]]:
+            for _dir, _subdirs, files in fs.walk(path, detail=True):
+                for info in files.values():
+                    yield info["name"], info
+
+        return path, walk()
+    if any(c in GLOB_CHARS for c in path):
         fixed = []
         for comp in path.split("/"):
             if any(c in GLOB_CHARS for c in comp):
                 break
             fixed.append(comp)
-        root = "/".join(fixed)
         found = fs.glob(path, detail=True)
-        files = {p: info for p, info in found.items() if info.get("type") != "directory"}
-    else:
-        raise FileNotFoundError(f"no input at '{src}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
-    out, ignored = [], 0
-    for p, info in files.items():
-        rel = posixpath.relpath(p, root) if root else p
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+        return "/".join(fixed), ((p, i) for p, i in found.items() if i.get("type") != "directory")
+    raise FileNotFoundError(f"no input at '{path}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
+
+
+def list_entries_table(src: str, opts: StorageOptions | None = None, page: int = 65536) -> tuple[pa.Table, int]:
+    """The listing of `list_entries` as an Arrow table (LISTING_SCHEMA, sorted by key) and the
+    count of ignored files. The store is walked directory by directory and the rows are packed
+    into Arrow a page at a time, so a listing of millions of keys costs tens of bytes a key, not
+    the ~1 KB of a Python tuple of strings."""
+    fs, path = get_fs(src, opts)
+    path = path.rstrip("/") or "/"
+    try:
+        root, items = _listed(fs, path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no input at '{src}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') "
+                                f"or a file") from None
+    prefix = root.rstrip("/") + "/" if root else ""
+    batches: list[pa.RecordBatch] = []
+    cols: tuple[list, ...] = ([], [], [], [], [])
+    ignored = 0
+
+    def flush() -> None:
+        if cols[0]:
+            batches.append(pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA)],
+                                                      schema=LISTING_SCHEMA))
+            for c in cols:
+                c.clear()
+
+    for p, info in items:
+        rel = p[len(prefix):] if prefix and p.startswith(prefix) else (posixpath.relpath(p, root) if root else p)
+        if rel[:1] in ("_", ".") or "/_" in rel or "/." in rel:  # job metadata, hidden files
             ignored += 1
             continue
         kind = kind_of(rel)
         if kind is None:
             ignored += 1
             continue
-        out.append((rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info)))
-    out.sort()
-    return out, ignored
+        for c, v in zip(cols, (rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info))):
+            c.append(v)
+        if len(cols[0]) >= page:
+            flush()
+    flush()
+    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+    return (table.sort_by("key") if table.num_rows else table), ignored
 
 
 def change_token(info: dict) -> str:
