@@ -185,10 +185,15 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
 
     plan = pool_plan(cfg, len(items))
     info["pool"] = plan
-    counter = ray.remote(num_cpus=0)(Progress).remote()
+    # Bookkeeping actors live on the driver's node: if it goes, the job goes anyway, and a lost
+    # worker node never takes them along.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    small = ray.remote(num_cpus=0, scheduling_strategy=here)
+    counter = small(Progress).remote()
     # each shared object becomes one actor, built from the same constructor arguments
-    kwargs = {**kwargs, **{k: ray.remote(num_cpus=0)(type(v)).remote(*v.init_args())
-                           for k, v in (shared or {}).items()}}
+    kwargs = {**kwargs, **{k: small(type(v)).remote(*v.init_args()) for k, v in (shared or {}).items()}}
     stop = threading.Event()
 
     def poll() -> None:

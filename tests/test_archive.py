@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -177,6 +178,10 @@ def test_sigkill_at_each_commit_step_then_a_changed_listing(tmp_path, step):
     assert not (dst / "__fcodec__" / "lease.json").exists()
     again = compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3), **quiet)
     assert again["run"]["rows"] == 0
+    from pipeline.verify import verify_dataset
+
+    rep = verify_dataset(str(dst), hmac_key=None)
+    assert rep["ok"], rep["problems"]  # whole: every key once, books and parts agree
     if step == "after_part":  # the orphan part was complete: adopted, not redone
         assert res["run"]["reconciled"]["adopted"] == 1
 
@@ -353,3 +358,29 @@ def test_codec_spec_round_trips_through_a_manifest(tmp_path):
     with pytest.raises(ValueError, match="unknown codec options"):
         CodecSpec.from_dict({"backbon": "tiny"})
     assert np.isclose(m["totals"]["mean_bpp"], read_dataset(str(dst)).column("bpp")[0].as_py())
+
+
+def test_poisoned_rows_fail_alone_in_a_ray_decompress(tmp_path, ray_local):
+    """Hostile records (the fuzz campaign's reproducers, CRC-valid) planted in a dataset with
+    their sha256 fixed: decompress on Ray gives each a failed row, in bounded time, and
+    decodes and commits everything else."""
+    import hashlib
+
+    src, dst, out = tmp_path / "src", tmp_path / "dst", tmp_path / "out"
+    write(src, [f"h{i}.png" for i in range(6)])
+    compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=3), **quiet)
+    hostile = sorted((REPO / "tests" / "fixtures" / "hostile").glob("*.fdc"))[:4]
+    planted = []
+    for part, fix in zip(parts(dst), [hostile[:2], hostile[2:4]]):
+        t = pq.read_table(part)
+        rows = t.to_pylist()
+        for r, f in zip(rows, fix):
+            data = f.read_bytes()
+            r.update(bitstream=data, bitstream_sha256=hashlib.sha256(data).hexdigest(), n_bytes=len(data))
+            planted.append(r["key"])
+        pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), part)
+    res = decompress(JobConfig(src=str(dst), dst=str(out), codec={"steps": 0}, workers=1), use_ray=True,
+                     progress=False, echo=lambda s: None)
+    failed = {f["key"] for f in res["run"]["failures"]}
+    assert failed == set(planted) and res["run"]["ok"] == 6 - len(planted), res["run"]["failures"]
+    assert res["manifest"]["complete"] and len(list(out.glob("*.png"))) == 6 - len(planted)

@@ -178,3 +178,7 @@ def test_dedupe_stores_each_content_once_and_decompress_restores_every_key(tmp_p
 
     cat = Books(*st.get_fs(str(dd))).read()
     assert sorted(cat.entries.column("entry").to_pylist()) == sorted(rows)
+    from pipeline.verify import verify_dataset
+
+    rep = verify_dataset(str(dd), hmac_key=None)
+    assert rep["ok"] and rep["references"] >= 7, rep["problems"]  # every reference names a stored bitstream
