@@ -240,3 +240,18 @@ def _take(body: bytes, pos: int, n: int) -> bytes:
     if pos + n > len(body):
         raise BitstreamError(f"truncated bitstream: field at byte {pos} needs {n} bytes, {len(body) - pos} left")
     return body[pos : pos + n]
+
+
+@dataclass
+class Encoded:
+    """One encoded image: the record and facts worth a column in a dataset (what every codec's
+    `encode` returns, ours and the stand-ins alike)."""
+
+    data: bytes
+    t: int
+    width: int
+    height: int
+
+    @property
+    def bpp(self) -> float:
+        return len(self.data) * 8.0 / (self.width * self.height)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import bitstream as bs
+from .bitstream import Encoded  # noqa: F401 - re-exported: codec.Encoded
 from . import limits
 from .backbone import Backbone
 from .denoise import denoise
@@ -71,20 +72,6 @@ class CodecConfig:
     # mode, whose promise of identical pixels everywhere keeps the one plain layout.
     channels_last: bool | None = None
     extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Encoded:
-    """One encoded image: the record and facts worth a column in a dataset."""
-
-    data: bytes
-    t: int
-    width: int
-    height: int
-
-    @property
-    def bpp(self) -> float:
-        return len(self.data) * 8.0 / (self.width * self.height)
 
 
 class DiffusionCodec:

@@ -14,6 +14,8 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from .bitstream import Encoded
+
 DEFAULT_LATENCY_MS = 100.0
 DEFAULT_BYTES = 5000
 DEFAULT_MAX_PIXELS = 1 << 26
@@ -23,18 +25,6 @@ DEFAULT_MAX_PIXELS = 1 << 26
 class StandinConfig:
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-@dataclass
-class StandinEncoded:
-    data: bytes
-    t: int
-    width: int
-    height: int
-
-    @property
-    def bpp(self) -> float:
-        return len(self.data) * 8.0 / (self.width * self.height)
 
 
 class _Family:
@@ -89,7 +79,7 @@ class StandinCodec:
         for im in images:
             px = getattr(im, "pixels", im)
             h, w = px.shape[:2]
-            out.append(StandinEncoded(self.payload, int(t or 0), int(w), int(h)))
+            out.append(Encoded(self.payload, int(t or 0), int(w), int(h)))
         return out
 
     def decode(self, data: list, steps: int | None = None, errors: str = "raise") -> list:
