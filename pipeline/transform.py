@@ -1,16 +1,10 @@
-"""Image stages in Ray tasks beside the actors: compress decodes source bytes to RGB pixels in
-the read tasks (`decode_sources`); decompress PNG-encodes and writes the actors' decoded pixels
-in tasks after them (`encode_outputs`). The shard workers (workers.py) run the same functions in
-their I/O threads.
+"""Image work on rows: decode source bytes to RGB pixels (`decode_source`, `decode_sources`) and
+encode decoded pixels back to image files (`encode_outputs`). The shard workers (workers.py) run
+them in their I/O threads, beside the model, so the model never waits on PNG/JPEG work.
 
-Decoding a PNG/JPEG (inflate, EXIF rotation, colour conversion) needs no model, so it runs in
-the read tasks' CPU pool, where it overlaps with the actors' model compute instead of delaying
-it; the actors receive raw pixels. A file that does not decode becomes a row with
-`decode_error` set, which the actor turns into a recorded failure, so one bad file fails alone.
-
-The raw pixels are larger than the compressed source (~3 bytes a pixel), which is what the
-object store carries between this stage and the actors; the read stage's chunking (rows and
-bytes per chunk) bounds how much is in flight.
+A file that does not decode becomes a row with `decode_error` set, which the encoder turns into
+a recorded failure, so one bad file fails alone. Hashing happens here too: the sha256 of the
+source bytes is taken before decoding, so even an undecodable input has one.
 """
 from __future__ import annotations
 
