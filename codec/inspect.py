@@ -1,12 +1,10 @@
-"""What an archive says about itself: one record's header, or a bitstream dataset's manifest.
+"""What a record says about itself: its header, checksums and the models it names.
 
-No torch and no Ray: records are read with `codec.bitstream` (numpy), datasets with plain JSON
-(`_manifest.json`, `_commits/*.json`) and pyarrow (only the `codec_version` column of the part
-files). Models are named through `codec.registry`, so a record of `nano-v1` says so.
+No torch and no Ray: records are read with `codec.bitstream` (numpy). Models are named through
+`codec.registry`, so a record of `nano-v1` says so. A dataset's summary is pipeline/summary.py.
 """
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -57,61 +55,16 @@ def _codec_name(codec_fp: str, backbone_fp: str) -> str | None:
     return shipped.name if shipped else None
 
 
-def inspect_dataset(root: str | Path) -> dict:
-    """A bitstream dataset's summary from its manifest, commit markers and version column."""
-    import pyarrow.parquet as pq
-
-    if "://" in str(root):
-        raise InspectError(f"inspect reads local datasets; for '{root}' run `fcodec verify {root}`")
-    root = Path(root)
-    man_path = root / "_manifest.json"
-    if not man_path.is_file():
-        raise InspectError(f"no _manifest.json in '{root}': not a bitstream dataset (made by `fcodec compress`)")
-    try:
-        man = json.loads(man_path.read_text())
-        commits = [json.loads(p.read_text()) for p in sorted((root / "_commits").glob("*.json"))]
-    except (OSError, ValueError) as e:
-        raise InspectError(f"unreadable dataset metadata in '{root}': {e}") from None
-    versions: set[str] = set()
-    parts = sorted(root.glob("part-*.parquet"))
-    for p in parts:
-        try:
-            col = pq.ParquetFile(p).read(columns=["codec_version"]).column(0)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-            raise InspectError(f"unreadable part file '{p.name}': {e}") from None
-        versions.update(v for v in col.to_pylist() if v)
-    totals = man.get("totals", {})
-    fp = man.get("codec_fingerprint") or ""
-    bb = registry.backbone_for_fingerprint(fp[:16]) if len(fp) == 32 else None
-    codec_cfg = man.get("config", {}).get("codec", {})
-    committed = [c.get("committed_at") for c in commits if c.get("committed_at")]
-    return {
-        "kind": "dataset", "source": str(root), "format": man.get("format"), "complete": man.get("complete"),
-        "codec": {k: codec_cfg.get(k) for k in ("backbone", "vae", "entropy", "codec_weights", "t", "target_bpp")},
-        "codec_fingerprint": fp,
-        "backbone": {"fingerprint": fp[:16], "name": bb.name if bb else None},
-        "rows": totals.get("rows"), "ok": totals.get("ok"), "failed": totals.get("failed"),
-        "rows_in_commits": sum(c.get("rows", 0) for c in commits),
-        "shards_committed": len(commits), "shards_planned": man.get("shards_planned"), "part_files": len(parts),
-        "mean_bpp": totals.get("mean_bpp"), "input_bytes": totals.get("input_bytes"),
-        "output_bytes": totals.get("output_bytes"), "ratio": totals.get("ratio"),
-        "created_at": min(committed) if committed else None, "updated_at": man.get("updated_at"),
-        "software_versions": sorted(versions),
-    }
-
-
-def inspect_path(path: str | Path) -> dict:
-    """A folder (or URL) is a dataset; a file is a record."""
+def inspect_file(path: str | Path) -> dict:
+    """A .fdc file's header (datasets: pipeline/summary.py)."""
     p = Path(path)
-    if "://" in str(path) or p.is_dir():
-        return inspect_dataset(path)
     if not p.is_file():
         raise InspectError(f"'{path}' is neither a .fdc record nor a dataset folder")
     return inspect_record(p.read_bytes(), str(path))
 
 
 def format_report(info: dict) -> list[str]:
-    """Human-readable lines for `inspect_record` / `inspect_dataset` output."""
+    """Human-readable lines for `inspect_record` output."""
     def name(d: dict) -> str:
         return f"{d['name'] or 'not a built-in'} ({d['fingerprint']})"
 
@@ -133,18 +86,4 @@ def format_report(info: dict) -> list[str]:
             f"symbol hash:  {info['symbol_hash']} (checked when decoding)",
             f"CRC32:        {'OK' if info['crc_ok'] else 'MISMATCH (corrupt record)'}",
         ]
-    c = info["codec"]
-    opts = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
-    bpp = f"{info['mean_bpp']:.4f}" if info["mean_bpp"] is not None else "-"
-    return [
-        f"dataset:      {info['source']} (format {info['format']}, {'complete' if info['complete'] else 'incomplete'})",
-        f"codec:        {opts}",
-        f"backbone:     {name(info['backbone'])}",
-        f"fingerprint:  {info['codec_fingerprint']}",
-        f"images:       {info['rows']} rows: {info['ok']} ok, {info['failed']} failed",
-        f"shards:       {info['shards_committed']} committed of {info['shards_planned']} planned, {info['part_files']} part files",
-        f"mean bpp:     {bpp} (input {info['input_bytes']} B, output {info['output_bytes']} B)",
-        f"created:      {info['created_at'] or '-'}",
-        f"updated:      {info['updated_at'] or '-'}",
-        f"written by:   {', '.join(f'foundation-codec {v}' for v in info['software_versions']) or '-'}",
-    ]
+    raise ValueError(f"not a record report: {info.get('kind')}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import job_parser
+from .options import add_storage_options, job_parser, storage_options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -19,12 +19,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    description=__doc__,
                    positionals=[("path", "a .fdc file or a bitstream dataset folder")])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_storage_options(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from codec.inspect import format_report, inspect_path
+    from pathlib import Path
 
-    info = inspect_path(args.path)
-    print(json.dumps(info, indent=2, sort_keys=True) if args.json else "\n".join(format_report(info)))
+    if "://" in args.path or Path(args.path).is_dir():
+        from pipeline.summary import format_dataset, inspect_dataset
+
+        info = inspect_dataset(args.path, storage_options(args))
+        lines = format_dataset(info)
+    else:
+        from codec.inspect import format_report, inspect_file
+
+        info = inspect_file(args.path)
+        lines = format_report(info)
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else "\n".join(lines))
     return 0 if info.get("crc_ok", True) else 1

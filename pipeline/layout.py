@@ -226,12 +226,13 @@ class Manifest(_Record):
     last_run: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     integrity: dict = field(default_factory=dict)  # with an HMAC key: {"algorithm", "books_hmac"} (pipeline/integrity.py)
+    shards_planned: int | None = None  # layout 1 recorded it
 
     _SPEC = {"kind": (str, True), "layout": (int, False), "codec": (dict, False), "backbone": (dict, False),
              "codec_fingerprint": (str, False), "software_version": (str, False), "created_at": (str, False),
              "updated_at": (str, False), "totals": (dict, False), "complete": (bool, False), "source": (str, False),
              "format": ((str, int), False), "config": (dict, False), "last_run": (dict, False), "columns": (list, False),
-             "integrity": (dict, False)}
+             "integrity": (dict, False), "shards_planned": (int, False)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":

@@ -384,3 +384,18 @@ def test_poisoned_rows_fail_alone_in_a_ray_decompress(tmp_path, ray_local):
     failed = {f["key"] for f in res["run"]["failures"]}
     assert failed == set(planted) and res["run"]["ok"] == 6 - len(planted), res["run"]["failures"]
     assert res["manifest"]["complete"] and len(list(out.glob("*.png"))) == 6 - len(planted)
+
+
+def test_inspect_summarises_a_layout_2_dataset(tmp_path, capsys):
+    from jobs.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src, ["a.png", "b.png"])
+    (src / "c.png").write_bytes(b"no")
+    compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC, shard_size=2), **quiet)
+    capsys.readouterr()
+    assert main(["inspect", str(dst), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["layout"], info["rows"], info["ok"], info["failed"], info["shards_committed"]) == (2, 3, 2, 1, 2)
+    assert info["codec"]["backbone"] == "tiny" and info["backbone"]["name"] == "tiny"
+    assert info["errors"] == {"not a usable image": 1} and info["software_versions"] == ["0.1.0"]

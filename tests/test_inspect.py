@@ -70,7 +70,7 @@ def test_not_a_record_or_dataset(capsys, tmp_path):
     rc, _, err = inspect(capsys, tmp_path / "x.png")
     assert rc == 2 and "bad magic" in err
     rc, _, err = inspect(capsys, tmp_path)
-    assert rc == 2 and "no _manifest.json" in err
+    assert rc == 2 and "no manifest" in err
     rc, _, err = inspect(capsys, tmp_path / "missing.fdc")
     assert rc == 2 and "neither" in err
 
@@ -95,9 +95,11 @@ def test_dataset_summary_json_and_human(capsys):
 
 def test_inspect_loads_no_torch_and_no_ray():
     # the library call; the CLI's parser currently imports torch through `train-backbone`'s defaults
-    code = ("import sys; from codec.inspect import format_report, inspect_path; "
-            f"infos = [inspect_path({str(V1 / 'dataset')!r}), inspect_path({str(V1 / GOLDEN['nano_t50']['file'])!r})]; "
-            "[format_report(i) for i in infos]; print([i['kind'] for i in infos], 'torch' in sys.modules, 'ray' in sys.modules)")
+    code = ("import sys; from codec.inspect import format_report, inspect_file; "
+            "from pipeline.summary import format_dataset, inspect_dataset; "
+            f"infos = [inspect_dataset({str(V1 / 'dataset')!r}), inspect_file({str(V1 / GOLDEN['nano_t50']['file'])!r})]; "
+            "format_dataset(infos[0]); format_report(infos[1]); "
+            "print([i['kind'] for i in infos], 'torch' in sys.modules, 'ray' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "['dataset', 'record'] False False"
