@@ -126,7 +126,7 @@ class DecodeActor:
         self.fingerprint = codec_fingerprint_hex(self.codec)
         self.steps = spec.steps
         self.worker = worker_id()
-        self.emit_pixels = emit_pixels  # leave PNG encoding + writing to transform.encode_outputs
+        self.emit_pixels = emit_pixels  # leave image encoding + writing to the caller (workers.ShardDecoder)
         self.schema = (pa.schema(list(DECODED_SCHEMA) + [pa.field(n, t) for n, t in PIXEL_COLUMNS])
                        if emit_pixels else DECODED_SCHEMA)
         self.fs, self.root = get_fs(out_url, opts) if out_url is not None else (None, None)

@@ -35,7 +35,7 @@ from . import layout as L
 from .catalog import Books, Catalog, dataset_codec, fold, part_record
 from .dedupe import Claims
 from .lease import acquire
-from .plan import plan_compress, plan_decompress
+from .plan import file_sha256, plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
 from .sources import list_entries_table
 from .storage import StorageOptions, full_url, get_fs, join
@@ -317,7 +317,7 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
         if cat.manifest and cat.manifest.kind != L.BITSTREAM_KIND:
             raise ValueError(f"{cfg.dst} holds a {cat.manifest.kind}, not a bitstream dataset")
         plan = plan_compress(listing, cat, cfg.shard_size, run_id, cfg.mode, cfg.retry_failed, cfg.max_shards,
-                             hasher=lambda url: _sha(url, opts))
+                             hasher=lambda url: file_sha256(url, opts))
         f = plan.found
         echo(f"{f['listed']} inputs ({ignored} other files ignored): {f['new']} new, {f['changed']} changed, "
              f"{f['vanished']} vanished, {f['unchanged']} unchanged (mode {cfg.mode}); "
@@ -426,12 +426,6 @@ def _sign_books(books: Books, cat: Catalog) -> dict:
                 rec.part_sha256 = file_sha256(f)
         parts.append({"file": rec.file, "rows": rec.rows, "checksum": rec.part_sha256})
     return {"algorithm": ALGORITHM, "books_hmac": sign_books(key, parts)}
-
-
-def _sha(url: str, opts) -> str | None:
-    from .plan import file_sha256
-
-    return file_sha256(url, opts)
 
 
 class _Run:

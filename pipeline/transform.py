@@ -1,5 +1,5 @@
 """Image work on rows: decode source bytes to RGB pixels (`decode_source`, `decode_sources`) and
-encode decoded pixels back to image files (`encode_outputs`). The shard workers (workers.py) run
+and back (`rows.finish_decoded`). The shard workers (workers.py) run
 them in their I/O threads, beside the model, so the model never waits on PNG/JPEG work.
 
 A file that does not decode becomes a row with `decode_error` set, which the encoder turns into
@@ -12,7 +12,7 @@ import hashlib
 
 import pyarrow as pa
 
-# Columns the decode actors add for `encode_outputs` (emit_pixels=True).
+# Columns the decode actors add for the workers' image encoding (emit_pixels=True).
 PIXEL_COLUMNS = [("pixels", pa.large_binary()), ("px_h", pa.int32()), ("px_w", pa.int32()), ("gray", pa.bool_()),
                  ("_dest", pa.string())]
 
@@ -64,21 +64,3 @@ def decoded_image(row: dict):
 
     px = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(int(row["px_h"]), int(row["px_w"]), 3)
     return LoadedImage(px, gray=bool(row.get("gray")), alpha=bool(row.get("alpha")))
-
-
-def encode_outputs(batch: pa.Table, out_url: str | None = None, opts=None) -> pa.Table:
-    """Decode actors' rows with raw `pixels` -> finished decoded rows: PNG bytes in the row, or
-    the PNG written to `out_url/<dest>` (atomically). Other rows (failures) pass."""
-    from .rows import finish_decoded, table_of
-    from .schema import DECODED_SCHEMA
-    from .storage import get_fs
-
-    fs, root = get_fs(out_url, opts) if out_url is not None else (None, None)
-    out = []
-    for r in batch.to_pylist():
-        img = decoded_image(r) if r.get("pixels") is not None else None
-        dest = r.get("_dest")
-        for name, _ in PIXEL_COLUMNS:
-            r.pop(name, None)
-        out.append(finish_decoded(r, img.pixels, img.gray, dest, fs, root) if img is not None else r)
-    return table_of(out, DECODED_SCHEMA)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 
 from . import layout as L
 from .actors import DecodeActor, EncodeActor, worker_id
-from .rows import error_class, finish_decoded, one_line
+from .rows import error_class, finish_decoded
 from .dedupe import ENCODE, SELF, call
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, REF_KEY_FIELD, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK,
                      STATUS_SKIPPED, carried_name, hf_features_metadata, parquet_write_kwargs)
@@ -424,13 +423,3 @@ class ShardDecoder:
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tf.addfile(info, io.BytesIO(data))
         return buf.getvalue()
-
-
-def describe_failure(e: BaseException) -> str:
-    """One line for a worker that could not start or died (Ray wraps the cause)."""
-    cause = getattr(e, "cause", None) or e
-    return one_line(cause)
-
-
-def wait_s(t0: float) -> float:
-    return time.perf_counter() - t0
