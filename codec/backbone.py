@@ -107,8 +107,14 @@ class Backbone:
         if local_files_only is None:
             local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         src = str(path) if is_dir else id_or_dir
+        taesd_vae = is_dir and _is_taesd_folder(path / "vae")
         try:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=local_files_only, low_cpu_mem_usage=False)
+            if taesd_vae:  # a snapshot pairing TAESD (SD's latent space, pre-scaled) with its own UNet
+                from .taesd import TinyAutoencoder
+
+                vae = TinyAutoencoder.from_dir(path / "vae")
+            else:
+                vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=local_files_only, low_cpu_mem_usage=False)
             unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", local_files_only=local_files_only, low_cpu_mem_usage=False)
             sched = DDIMScheduler.from_pretrained(src, subfolder="scheduler", local_files_only=local_files_only)
         except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError variously
@@ -124,9 +130,10 @@ class Backbone:
             alphas_cumprod=sched.alphas_cumprod.to(torch.float64).clone(),
             prediction_type=sched.config.prediction_type,
             prompt_embeds=embeds,
-            scaling_factor=float(vae.config.scaling_factor),
+            scaling_factor=1.0 if taesd_vae else float(vae.config.scaling_factor),
             name=id_or_dir,
-            latent_channels=int(vae.config.latent_channels),
+            vae_kind="taesd" if taesd_vae else "kl",
+            latent_channels=int(unet.config.in_channels),
         )
 
     def with_vae(self, vae: nn.Module, kind: str = "taesd", scaling_factor: float = 1.0) -> "Backbone":
@@ -144,13 +151,21 @@ class Backbone:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.vae.save_pretrained(out / "vae")
+        if self.vae_kind == "taesd":  # TAESD's own flat layout (codec/taesd.py), bf16 as shipped
+            (out / "vae").mkdir(exist_ok=True)
+            for part in ("encoder", "decoder"):
+                state = {k: v.to(torch.bfloat16).contiguous() for k, v in getattr(self.vae, part).state_dict().items()}
+                save_file(state, str(out / "vae" / f"taesd_{part}.safetensors"))
+            vae_entry = ["fcodec", "TinyAutoencoder"]
+        else:
+            self.vae.save_pretrained(out / "vae")
+            vae_entry = ["diffusers", "AutoencoderKL"]
         self.unet.save_pretrained(out / "unet")
         sd_scheduler(self.prediction_type).save_pretrained(out / "scheduler")
         save_file({"prompt_embeds": self.prompt_embeds.contiguous()}, str(out / EMBED_FILE))
         (out / "model_index.json").write_text(json.dumps({
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-            "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": vae_entry, "unet": ["diffusers", "UNet2DConditionModel"],
             "scheduler": ["diffusers", "DDIMScheduler"],
         }, indent=2))
 
@@ -232,6 +247,12 @@ class Backbone:
 
 
 EMBED_FILE = "fcodec_empty_prompt.safetensors"
+
+
+def _is_taesd_folder(path: Path) -> bool:
+    """A snapshot's `vae/` holding TAESD's flat weights instead of a diffusers AutoencoderKL."""
+    return not (path / "config.json").is_file() and any(
+        (path / f"taesd_encoder.{ext}").is_file() for ext in ("safetensors", "pth"))
 
 
 def _out(x: torch.Tensor) -> torch.Tensor:

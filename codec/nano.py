@@ -66,6 +66,7 @@ class BackboneTrainConfig:
     prediction_type: str = "epsilon"
     scales: tuple[float, ...] = (1.0, 0.75, 0.5)  # scale jitter: pre-resized copies of each image
     unet_scales: tuple[float, ...] = (1.0, 0.5)  # images whose latents (and mirrors') the UNet sees
+    max_side: int | None = None  # downscale photos to this longer side first (None: as they are)
     small: bool = False  # smoke-test model sizes
     log_every: int = 50
     ckpt_every: int = 500
@@ -83,23 +84,31 @@ def empty_prompt(dim: int, seed: int = 0):
     return torch.randn(1, PROMPT_TOKENS, dim, generator=g) * 0.5
 
 
-def make_backbone(vae, unet, prompt, scaling_factor: float, prediction_type: str, half: bool = True):
-    """Wrap trained nets as a `Backbone`; `half` rounds the weights to fp16 (as committed)."""
+def make_backbone(vae, unet, prompt, scaling_factor: float, prediction_type: str, half: bool = True,
+                  vae_kind: str = "kl"):
+    """Wrap trained nets as a `Backbone`; `half` rounds the trained weights to fp16 (as committed).
+
+    `vae_kind="taesd"`: a frozen TAESD, kept as loaded (its shipped weights are bf16 values)."""
     from .backbone import Backbone, sd_alphas_cumprod
 
-    vae.register_to_config(scaling_factor=scaling_factor)
+    if vae_kind == "kl":
+        vae.register_to_config(scaling_factor=scaling_factor)
     if half:  # round-trip through fp16 so the in-memory backbone equals the saved one
-        vae.half().float()
+        if vae_kind == "kl":
+            vae.half().float()
         unet.half().float()
     return Backbone(vae=vae, unet=unet, alphas_cumprod=sd_alphas_cumprod(), prediction_type=prediction_type,
-                    prompt_embeds=prompt.float(), scaling_factor=scaling_factor, name="nano",
-                    latent_channels=int(vae.config.latent_channels))
+                    prompt_embeds=prompt.float(), scaling_factor=scaling_factor, name="nano", vae_kind=vae_kind,
+                    latent_channels=int(unet.config.in_channels))
 
 
 def save_backbone(bb, out_dir: str | Path, half: bool = True) -> None:
-    """`Backbone.save_pretrained` with fp16 VAE/UNet weights (loaded back as float32)."""
+    """`Backbone.save_pretrained` with fp16 VAE/UNet weights (loaded back as float32); a TAESD
+    VAE is saved by `save_pretrained` itself, as bf16 (the values it was loaded with)."""
+    kl = bb.vae_kind == "kl"
     if half:
-        bb.vae.half()
+        if kl:
+            bb.vae.half()
         bb.unet.half()
     try:
         bb.save_pretrained(out_dir)

@@ -17,12 +17,33 @@ from .images import load_image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_folder(folder: str | Path) -> list[np.ndarray]:
+TRAINING_MAX_PIXELS = 1 << 27  # a training folder is the user's own photos: wallpaper sizes (~20 MP) pass
+
+
+def load_folder(folder: str | Path, max_pixels: int = TRAINING_MAX_PIXELS) -> list[np.ndarray]:
     """All PNG/JPEG images of a folder as RGB uint8 arrays (sorted by name)."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no .png/.jpg images in '{folder}': point --data at a folder of photos")
-    return [load_image(p.read_bytes()).pixels for p in paths]
+    return [load_image(p.read_bytes(), max_pixels=max_pixels).pixels for p in paths]
+
+
+def cap_long_side(images: list[np.ndarray], max_side: int | None) -> list[np.ndarray]:
+    """Each image downscaled (Lanczos) so its longer side is at most `max_side` (None: unchanged).
+
+    Wallpaper-sized photos hold far less detail per pixel than test sets like Kodak (768x512);
+    downscaling first makes the training crops look like the images the codec is judged on.
+    """
+    if not max_side:
+        return images
+    from PIL import Image
+
+    out = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = max_side / max(h, w)
+        out.append(im if s >= 1 else np.asarray(Image.fromarray(im).resize((round(w * s), round(h * s)), Image.LANCZOS)))
+    return out
 
 
 def to_unit(px: np.ndarray) -> torch.Tensor:

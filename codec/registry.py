@@ -95,7 +95,7 @@ def register_backbone(name: str, path: str | Path, fingerprint: str | None = Non
         raise RegistryError(f"built-in backbone names are versioned, like 'nano-v2' (got '{name}')")
     path = Path(path)
     if fingerprint is None:
-        sums = path / "weights.sha256.json"
+        sums = path / SUMS_FILE
         if sums.is_file():
             fingerprint = json.loads(sums.read_text()).get("backbone_fingerprint")
     if fingerprint is None:
@@ -109,6 +109,28 @@ def register_backbone(name: str, path: str | Path, fingerprint: str | None = Non
     entry = BuiltinBackbone(name, fingerprint, path)
     _backbones[name] = entry
     return entry
+
+
+SUMS_FILE = "weights.sha256.json"
+UNSUMMED = {SUMS_FILE, "MODEL_CARD.md", "metrics.json"}  # documentation beside the weights, free to improve
+
+
+def write_weight_sums(path: str | Path) -> dict:
+    """Record a snapshot folder's sha256 per file and its backbone fingerprint (loaded fresh) in
+    `weights.sha256.json`, which registration reads and the tests check; returns what it wrote."""
+    import hashlib
+
+    from .backbone import Backbone
+
+    path = Path(path)
+    files = {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(path.rglob("*")) if p.is_file() and p.name not in UNSUMMED
+             and not p.name.startswith(("ckpt_", "vae_trained"))}
+    bb = Backbone.from_pretrained(str(path))
+    sums = {"files": files, "backbone_fingerprint": bb.fingerprint().hex(), "scaling_factor": bb.scaling_factor,
+            "prediction_type": bb.prediction_type, "vae_kind": bb.vae_kind}
+    (path / SUMS_FILE).write_text(json.dumps(sums, indent=2) + "\n")
+    return sums
 
 
 def unregister_backbone(name: str) -> None:
@@ -223,5 +245,5 @@ __all__ = [
     "VERSIONED_NAME", "WEIGHTS_DIR", "aliases", "backbone_for_fingerprint", "backbones", "codec_for_fingerprint",
     "codec_weights", "known_backbones_text", "lookup", "newest", "register_backbone",
     "register_codec_weights", "resolve_backbone", "resolve_codec_weights", "unregister_backbone",
-    "unregister_codec_weights",
+    "unregister_codec_weights", "write_weight_sums",
 ]

@@ -1,6 +1,7 @@
 """Training the nano backbone on a CPU: the VAE, then the UNet on the VAE's latents; pure torch.
 
-Two stages. The VAE trains on random crops of natural images (MSE + a tiny KL: a near-
+Two stages (or, with a frozen TAESD as the VAE, only the second: `train_denoiser`, a UNet in the
+real SD latent space). The VAE trains on random crops of natural images (MSE + a tiny KL: a near-
 deterministic autoencoder, the codec uses the latent mode). The UNet then trains on the VAE's
 pre-computed latents and sees the noise the decoder really feeds it: besides Gaussian noise, the
 *uniform quantization* error of step Δ_t (paper, Sec. 3.2), both as additive uniform noise and
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from .backbone import sd_alphas_cumprod
 from .nano import BackboneTrainConfig, empty_prompt, make_backbone, nano_configs, save_backbone
-from .pixels import load_folder, pad_to_multiple, random_crops, scale_pyramid
+from .pixels import cap_long_side, load_folder, pad_to_multiple, random_crops, scale_pyramid
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -89,7 +90,7 @@ def latent_scaling_factor(vae, images: list[np.ndarray]) -> float:
 # ---------------------------------------------------------------------------------------- UNet
 @torch.inference_mode()
 def latent_pool(vae, images: list[np.ndarray], scaling_factor: float, scales: tuple[float, ...],
-                min_side: int) -> list[torch.Tensor]:
+                min_side: int, kind: str = "kl") -> list[torch.Tensor]:
     """The UNet's training pool: scaled latent modes of every image at every scale and of its
     mirror image, each cropped to a multiple of 8 pixels. (The bare VAE, before a `Backbone`
     exists; codec training encodes through `codec.training.encode_latents`.)"""
@@ -97,7 +98,8 @@ def latent_pool(vae, images: list[np.ndarray], scaling_factor: float, scales: tu
     for x in scale_pyramid(images, scales, min_side):
         for v in (x, x.flip(2)):
             h, w = v.shape[1] // 8 * 8, v.shape[2] // 8 * 8
-            out.append(vae.encode(v[None, :, :h, :w]).latent_dist.mode()[0] * scaling_factor)
+            z = vae.encode(v[None, :, :h, :w])
+            out.append((z.latent_dist.mode() if kind == "kl" else z)[0].float() * scaling_factor)
     return out
 
 
@@ -175,7 +177,7 @@ def train_backbone(data_dir: str | Path, out_dir: str | Path, cfg: BackboneTrain
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images = load_folder(data_dir)
+    images = cap_long_side(load_folder(data_dir), cfg.max_side)
     log(f"{len(images)} training images from {data_dir}; config {asdict(cfg)}")
     t0 = time.time()
     vae_file = out / "vae_trained.pt"
@@ -203,4 +205,36 @@ def train_backbone(data_dir: str | Path, out_dir: str | Path, cfg: BackboneTrain
     log(f"unet done in {time.time() - t1:.0f}s")
     bb = make_backbone(vae, unet, prompt, sf, cfg.prediction_type)
     save_backbone(bb, out)
+    return out
+
+
+# ------------------------------------------------------------------------- SD-latent denoiser
+def train_denoiser(data_dir: str | Path, vae_dir: str | Path, out_dir: str | Path, cfg: BackboneTrainConfig,
+                   log: Callable[[str], None] = print) -> Path:
+    """Train only the UNet, on the latents of a frozen TAESD (the real SD latent space), and write
+    a snapshot whose `vae/` holds the TAESD weights and licence next to the new UNet.
+
+    TAESD latents are already in SD's scaled units (scaling_factor 1.0), so the UNet sees what an
+    SD UNet would see; with the paper's noise-matched quantization this is its decoder in SD's
+    latent space, at the size a CPU can train.
+    """
+    import shutil
+
+    from .taesd import TinyAutoencoder
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = cap_long_side(load_folder(data_dir), cfg.max_side)
+    log(f"{len(images)} training images from {data_dir} (long side <= {cfg.max_side}); config {asdict(cfg)}")
+    vae = TinyAutoencoder.from_dir(vae_dir)
+    t0 = time.time()
+    latents = latent_pool(vae, images, 1.0, cfg.unet_scales, cfg.unet_crop * 8, kind="taesd")
+    log(f"{len(latents)} TAESD latent maps for the UNet in {time.time() - t0:.0f}s")
+    unet, prompt = train_unet(latents, cfg, log, out / "ckpt_unet.pt")
+    log(f"unet done in {time.time() - t0:.0f}s")
+    bb = make_backbone(vae, unet, prompt, 1.0, cfg.prediction_type, vae_kind="taesd")
+    save_backbone(bb, out)
+    for name in ("LICENSE.taesd.txt",):  # MIT: the notice travels with the weights
+        if (Path(vae_dir) / name).is_file():
+            shutil.copyfile(Path(vae_dir) / name, out / "vae" / name)
     return out

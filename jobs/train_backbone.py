@@ -4,6 +4,8 @@
     fcodec train-backbone --data ... --out nano-out --stage vae                # VAE only
     fcodec train-backbone --data ... --out nano-out --stage unet               # reuse its VAE
     fcodec train-backbone ... --eval ../shared/data/usc_sipi                   # + held-out numbers
+    fcodec train-backbone --data ../shared/data/photos --vae ../shared/models/taesd --max-side 1024 \
+        --out taesd-out                                                        # UNet on frozen TAESD
 
 The output folder is a diffusers SD snapshot (`--backbone nano-out` loads it); the committed
 `codec/weights/nano-v1/` was made this way (see its MODEL_CARD.md for the exact command).
@@ -24,6 +26,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "on its latents for t in [1, --t-max], with a fixed seed.")
     p.add_argument("--data", default="../shared/data/kodak", help="folder of training photos (default: %(default)s)")
     p.add_argument("--out", default="nano-out", help="output snapshot folder (default: %(default)s)")
+    p.add_argument("--vae", default=None, metavar="DIR",
+                   help="a TAESD folder: keep it frozen as the VAE and train only the UNet on its latents "
+                        "(the SD latent space; the snapshot ships the TAESD weights and licence)")
+    p.add_argument("--max-side", type=int, default=d.max_side, metavar="PX",
+                   help="downscale training photos to this longer side first (default: as they are)")
     p.add_argument("--stage", choices=["all", "vae", "unet"], default="all",
                    help="all; vae only; or unet only, reusing OUT/vae_trained.pt (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -55,11 +62,24 @@ def run(args: argparse.Namespace) -> int:
     cfg = BackboneTrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_crop=args.vae_crop,
                       unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_crop=args.unet_crop,
                       t_max=args.t_max, prediction_type=args.prediction_type, small=args.small,
-                      log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at)
-    out = train_backbone(args.data, args.out, cfg, log=lambda m: print(m, flush=True), stage=args.stage)
+                      log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at,
+                      max_side=args.max_side)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.vae:
+        if args.stage == "vae":
+            raise ValueError("--vae DIR keeps that autoencoder frozen: there is no VAE stage to run")
+        from codec.train_backbone import train_denoiser
+
+        out = train_denoiser(args.data, args.vae, args.out, cfg, log=log)
+    else:
+        out = train_backbone(args.data, args.out, cfg, log=log, stage=args.stage)
     if args.stage == "vae":
         print(f"{out}: VAE trained; run again with --stage unet")
         return 0
+    from codec.registry import write_weight_sums
+
+    sums = write_weight_sums(out)  # what `codec/weights/<name>-v<N>/` ships and the tests check
+    print(f"{out}: backbone fingerprint {sums['backbone_fingerprint']}")
     if args.eval:
         from codec import load_backbone
         from codec.evaluate import evaluate

@@ -1,0 +1,113 @@
+"""The SD-latent backbone: a UNet trained on frozen TAESD latents (`fcodec train-backbone --vae`),
+shipped as `taesd-v1` beside nano-v1 and used by default. Its training command runs at smoke size,
+the committed weights are intact, and on held-out Kodak it meets looser forms of the issue's targets
+(the full numbers are in codec/weights/taesd-v1/MODEL_CARD.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from codec import default_backbone, load_backbone, load_codec, psnr, registry
+from jobs.cli import main
+from jobs.samples import sample_image, write_samples
+
+TAESD_V1 = registry.WEIGHTS_DIR / "taesd-v1"
+needs_weights = pytest.mark.skipif(not (TAESD_V1 / registry.SUMS_FILE).is_file(), reason="taesd-v1 is not installed")
+
+
+@pytest.fixture(scope="module")
+def taesd_dir(shared_dir):
+    d = shared_dir / "models" / "taesd"
+    if not (d / "taesd_encoder.safetensors").is_file():
+        pytest.skip("../shared/models/taesd is absent")
+    return d
+
+
+def test_train_denoiser_smoke_writes_a_taesd_snapshot(tmp_path, taesd_dir):
+    """`fcodec train-backbone --vae TAESD` at smoke size: only the UNet trains; the snapshot ships
+    TAESD's weights and licence, loads as a TAESD backbone with the recorded fingerprint, and codes."""
+    data = tmp_path / "data"
+    write_samples(data, n=2, sizes=((200, 300), (160, 160)))
+    out = tmp_path / "sdlat"
+    args = ["train-backbone", "--data", str(data), "--vae", str(taesd_dir), "--out", str(out), "--small",
+            "--unet-steps", "2", "--unet-batch", "2", "--unet-crop", "8", "--max-side", "256", "--log-every", "1",
+            "--threads", str(torch.get_num_threads())]
+    assert main(args) == 0
+    for f in ("vae/taesd_encoder.safetensors", "vae/taesd_decoder.safetensors", "vae/LICENSE.taesd.txt",
+              "unet/diffusion_pytorch_model.safetensors", "model_index.json", registry.SUMS_FILE):
+        assert (out / f).is_file(), f
+    assert not (out / "vae" / "config.json").exists()  # not a diffusers AutoencoderKL
+    sums = json.loads((out / registry.SUMS_FILE).read_text())
+    assert "vae/taesd_encoder.safetensors" in sums["files"] and sums["vae_kind"] == "taesd"
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["fcodec", "TinyAutoencoder"]
+    # The frozen TAESD is saved with the values it was loaded with (bf16): same encoder output.
+    from codec.taesd import TinyAutoencoder
+
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(TinyAutoencoder.from_dir(out / "vae").encode(x), TinyAutoencoder.from_dir(taesd_dir).encode(x))
+    bb = load_backbone(str(out))
+    assert bb.vae_kind == "taesd" and bb.scaling_factor == 1.0 and bb.fingerprint().hex() == sums["backbone_fingerprint"]
+    codec = load_codec(str(out))
+    img = sample_image(3, 72, 88)
+    enc = codec.encode([img], t=60)[0]
+    assert codec.decode([enc.data], steps=1)[0].shape == img.shape and enc.bpp > 0
+    assert main(["train-backbone", "--data", str(data), "--vae", str(taesd_dir), "--out", str(out),
+                 "--stage", "vae"]) == 2  # a frozen TAESD has no VAE stage: a clear error, not a run
+
+
+@needs_weights
+def test_taesd_v1_weights_match_sha256_and_load_in_fresh_process():
+    sums = json.loads((TAESD_V1 / registry.SUMS_FILE).read_text())
+    total = 0
+    for rel, digest in sums["files"].items():
+        data = (TAESD_V1 / rel).read_bytes()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() == digest, f"{rel} differs from its recorded sha256"
+    assert "vae/LICENSE.taesd.txt" in sums["files"]  # MIT: the notice ships with the weights
+    assert total < 12 * 2**20
+    assert default_backbone() == "taesd" and registry.aliases()["taesd"] == "taesd-v1"
+    code = ("from codec import load_backbone; bb = load_backbone('taesd'); "
+            "print(bb.fingerprint().hex(), bb.vae_kind, bb.name)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [sums["backbone_fingerprint"], "taesd", "taesd-v1"]
+
+
+@pytest.fixture(scope="module")
+def kodak_crops(shared_dir):
+    """Three held-out Kodak photos, center-cropped to 256x256 (the suite's CPU budget)."""
+    from codec.pixels import center_crop, load_folder
+
+    d = shared_dir / "data" / "kodak"
+    if not d.is_dir():
+        pytest.skip("../shared/data/kodak is absent")
+    return [center_crop(im, "256x256") for im in load_folder(d)[:24:8]]
+
+
+@needs_weights
+@pytest.mark.slow
+def test_taesd_default_beats_no_denoising_and_keeps_colour_on_held_out_kodak(kodak_crops):
+    """Looser forms of the issue's Kodak targets, on 3 crops: the default setting stays under
+    0.2 bpp, denoising beats --steps 0 on the same bitstreams, and image-mean colours stay close."""
+    codec = load_codec(default_backbone())
+    enc = codec.encode(kodak_crops)
+    den = codec.decode([e.data for e in enc])
+    raw = codec.decode([e.data for e in enc], steps=0)
+    bpp = float(np.mean([e.bpp for e in enc]))
+    p_den = float(np.mean([psnr(a, b) for a, b in zip(kodak_crops, den)]))
+    p_raw = float(np.mean([psnr(a, b) for a, b in zip(kodak_crops, raw)]))
+    colour = float(np.mean([np.abs(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).astype(float).mean(0)).mean()
+                            for a, b in zip(kodak_crops, den)]))
+    print(f"\ntaesd default on 3 Kodak crops: {bpp:.4f} bpp, {p_den:.2f} dB (steps 0: {p_raw:.2f} dB), "
+          f"colour error {colour:.2f} levels")
+    assert bpp < 0.2
+    assert p_den > p_raw + 0.3
+    assert p_den > 21.0
+    assert colour < 5.0
