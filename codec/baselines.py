@@ -4,6 +4,7 @@ unchanged: `encode(images, t=None, target_bpp=None, errors=...) -> list[Encoded]
 
 * `PillowCodec`: JPEG, WebP and AVIF through Pillow at a quality setting; the bitstream is the
   standard file itself. `Encoded.t` holds the quality used (the search result for a target bpp).
+* `JpegXLCodec`: JPEG XL (libjxl through imagecodecs) the same way; Pillow has no JPEG XL.
 * `CompressAICodec`: CompressAI zoo models, only when their weights are on disk (never fetched).
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .model import CodecConfig, CodecError, Encoded
 
 PILLOW_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 # quality sweeps used by `fcodec compare` when none is given (low to high rate)
-DEFAULT_QUALITIES = {"jpeg": [10, 25, 50, 75, 90], "webp": [10, 25, 50, 75, 90], "avif": [10, 25, 50, 70, 85]}
+DEFAULT_QUALITIES = {"jpeg": [10, 25, 50, 75, 90], "webp": [10, 25, 50, 75, 90], "avif": [10, 25, 50, 70, 85],
+                     "jxl": [1, 10, 25, 50, 75]}
 DEFAULT_COMPRESSAI_QUALITIES = [1, 2, 3, 4, 5, 6]  # CompressAI zoo quality indices, any compressai:ARCH
 
 
@@ -138,6 +140,52 @@ class PillowCodec:
         return _per_item(self._decode_one, records, errors)
 
 
+class JpegXLCodec(PillowCodec):
+    """JPEG XL through imagecodecs (libjxl), quality 1..100 mapped by libjxl to a distance; the
+    bitstream is a bare JPEG XL codestream. Encoder effort 7 (libjxl's default)."""
+
+    EFFORT = 7
+
+    def __init__(self, quality: int = 75, config: CodecConfig | None = None) -> None:
+        try:
+            import imagecodecs
+        except ImportError:
+            raise CodecError("JPEG XL needs imagecodecs (pip install 'imagecodecs==2024.12.30')") from None
+        if not imagecodecs.JPEGXL.available:
+            raise CodecError("this imagecodecs build has no JPEG XL codec")
+        self.fmt, self.quality = "jxl", int(quality)
+        self.config = config or CodecConfig()
+        self.name = "jxl"
+        self.backbone = Family("imagecodecs-jxl")
+
+    def fingerprint(self) -> bytes:
+        import imagecodecs
+
+        return hashlib.blake2b(f"jxl|{self.quality}|{self.EFFORT}|{imagecodecs.jpegxl_version()}".encode(),
+                               digest_size=8).digest()
+
+    def _encode_q(self, px: np.ndarray, q: int) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpegxl_encode(np.ascontiguousarray(px), level=int(q), effort=self.EFFORT))
+
+    def encode(self, images: list, t: int | None = None, target_bpp: float | None = None, errors: str = "raise") -> list:
+        if t is not None:
+            return JpegXLCodec(t, self.config).encode(images, None, target_bpp, errors)
+        return super().encode(images, None, target_bpp, errors)
+
+    def _decode_one(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        try:
+            px = imagecodecs.jpegxl_decode(bytes(data))
+        except Exception as e:
+            raise CodecError(f"not a readable JPEG XL bitstream ({type(e).__name__}: {e})") from None
+        if px.ndim == 2:
+            px = np.repeat(px[..., None], 3, axis=2)
+        return np.ascontiguousarray(px[..., :3], dtype=np.uint8)
+
+
 # ---------------------------------------------------------------------------- CompressAI
 _CAI_MAGIC = b"CAI1"
 
@@ -231,12 +279,14 @@ class CompressAICodec:
 
 
 def make_baseline(name: str, quality: int, config: CodecConfig | None = None, weights_dir: str | None = None):
-    """`jpeg`, `webp`, `avif` or `compressai:ARCH[:METRIC]` at one quality."""
+    """`jpeg`, `webp`, `avif`, `jxl` or `compressai:ARCH[:METRIC]` at one quality."""
     if name in PILLOW_FORMATS:
         return PillowCodec(name, quality, config)
+    if name == "jxl":
+        return JpegXLCodec(quality, config)
     if name.startswith("compressai"):
         parts = name.split(":")
         arch = parts[1] if len(parts) > 1 else "bmshj2018-factorized"
         metric = parts[2] if len(parts) > 2 else "mse"
         return CompressAICodec(arch, quality, metric, weights_dir, config)
-    raise CodecError(f"unknown baseline '{name}' (choose jpeg, webp, avif or compressai:ARCH)")
+    raise CodecError(f"unknown baseline '{name}' (choose jpeg, webp, avif, jxl or compressai:ARCH)")

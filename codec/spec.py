@@ -33,9 +33,10 @@ PRECISION_CHOICES = ("auto", "float32", "exact", "float64", "bfloat16", "float16
 class CodecSpec:
     """The codec options of a job (plain data: picklable to any node, JSON in manifests)."""
 
-    backbone: str | None = _opt(None, "tiny (random, for trying the system) | nano (the project's own small trained "
-                                "backbone; nano-v1, ... name a version) | a hub id (stabilityai/stable-diffusion-2-1) | a "
-                                "local snapshot folder (default: nano when its weights are installed)", DATASET)
+    backbone: str | None = _opt(None, "taesd (TAESD, SD's latent space, with the project's SD-latent denoiser) | nano "
+                                "(the project's own small VAE + UNet) | tiny (random, for trying the system) | a hub id "
+                                "(stabilityai/stable-diffusion-2-1) | a local snapshot folder; taesd-v1, nano-v1, ... name "
+                                "a version (default: the best built-in that is installed, taesd)", DATASET)
     vae: str | None = _opt(None, "a TAESD-style autoencoder folder used instead of the backbone's VAE", DATASET,
                            metavar="DIR")
     entropy: str = _opt("static", "entropy model: static (training-free per-channel Gaussian) or hyperprior (needs "
@@ -56,7 +57,7 @@ class CodecSpec:
     max_pixels: int | None = _opt(None, "refuse images larger than this many pixels (default: the codec's cap)",
                                   flag="-")
     # Baseline codecs (audit/compare): JPEG/WebP/AVIF/CompressAI behind the same API.
-    baseline: str | None = _opt(None, "a baseline codec instead of ours: jpeg | webp | avif | compressai:ARCH",
+    baseline: str | None = _opt(None, "a baseline codec instead of ours: jpeg | webp | avif | jxl | compressai:ARCH",
                                 DATASET, flag="", encode=False)
     quality: int | None = _opt(None, "baseline quality", DATASET, flag="", encode=False)
 

@@ -1,4 +1,4 @@
-"""`fcodec compare DATASET OUT --codecs ours,jpeg,webp,avif`: sweep each codec's settings on the
+"""`fcodec compare DATASET OUT --codecs ours,jpeg,webp,avif,jxl`: sweep each codec's settings on the
 same images and write one report with every rate–distortion curve and a BD-rate table
 (`pipeline.compare.run_compare` does the work, in-process)."""
 from __future__ import annotations
@@ -13,13 +13,13 @@ DEFAULT_TS = [25, 50, 100, 200]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", help="compare our codec with JPEG/WebP/AVIF/CompressAI on a dataset (RD curves, BD-rate)",
+    p = sub.add_parser("compare", help="compare our codec with JPEG/WebP/AVIF/JPEG XL/CompressAI on a dataset (RD curves, BD-rate)",
                        description="Encode and decode DATASET with each codec at several settings, measure every image, "
                                    "and write OUT/metrics.parquet, OUT/summary.json and OUT/report.html.")
     add_positional(p, "dataset", "folder / glob / tar / Parquet of images (local or s3://)")
     add_positional(p, "out", "output folder")
-    p.add_argument("--codecs", default="ours,jpeg,webp,avif",
-                   help="comma list of: ours, jpeg, webp, avif, compressai:ARCH (local weights only) (default: %(default)s)")
+    p.add_argument("--codecs", default="ours,jpeg,webp,avif,jxl",
+                   help="comma list of: ours, jpeg, webp, avif, jxl (JPEG XL), compressai:ARCH (local weights only) (default: %(default)s)")
     p.add_argument("--ts", default=",".join(map(str, DEFAULT_TS)), help="t values swept for ours (default: %(default)s)")
     p.add_argument("--qualities", action="append", default=[], metavar="CODEC=Q1,Q2,...",
                    help="quality sweep of a baseline, e.g. jpeg=10,30,60,90 (repeatable; defaults per codec)")

@@ -50,7 +50,7 @@ def sweep_plan(codecs: list[str], ts: list[int], qualities: dict[str, list[int]]
         elif name.startswith("compressai"):
             out.append((name, qualities.get(name, DEFAULT_COMPRESSAI_QUALITIES)))
         else:
-            raise ValueError(f"unknown codec '{name}' in --codecs (choose ours, jpeg, webp, avif, compressai:ARCH)")
+            raise ValueError(f"unknown codec '{name}' in --codecs (choose ours, jpeg, webp, avif, jxl, compressai:ARCH)")
     return out
 
 

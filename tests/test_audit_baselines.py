@@ -1,4 +1,5 @@
-"""Baseline codecs (JPEG/WebP/AVIF via Pillow, CompressAI from local weights) behind the codec API."""
+"""Baseline codecs (JPEG/WebP/AVIF via Pillow, JPEG XL via imagecodecs, CompressAI from local
+weights) behind the codec API."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from codec import CodecError, Encoded, load_image
-from codec.baselines import CompressAICodec, PillowCodec, compressai_weights_path, make_baseline
+from codec.baselines import CompressAICodec, JpegXLCodec, PillowCodec, compressai_weights_path, make_baseline
 from codec.metrics import psnr
 
 
@@ -23,6 +24,21 @@ def test_pillow_baselines_round_trip_and_rate_order(fmt, sample_images):
     assert lo.fingerprint() != hi.fingerprint() and len(lo.fingerprint()) == 8
     # the bitstream is the standard file: the project's image loader reads it
     assert load_image(enc_hi[0].data).pixels.shape == sample_images[0].shape
+
+
+def test_jpeg_xl_round_trip_rate_order_and_target_bpp(sample_images):
+    lo, hi = make_baseline("jxl", 10), make_baseline("jxl", 90)
+    assert isinstance(lo, JpegXLCodec)
+    enc_lo, enc_hi = lo.encode(sample_images), hi.encode(sample_images)
+    for im, ea, eb in zip(sample_images, enc_lo, enc_hi):
+        a, b = lo.decode([ea.data])[0], hi.decode([eb.data])[0]
+        assert a.shape == im.shape and a.dtype == np.uint8 and ea.t == 10
+        assert 0 < ea.bpp < eb.bpp and psnr(im, a) < psnr(im, b) and psnr(im, b) > 30
+    assert lo.fingerprint() != hi.fingerprint() and len(lo.fingerprint()) == 8
+    e = lo.encode(sample_images[1:2], target_bpp=1.0)[0]
+    assert e.bpp <= 1.0 and lo.encode(sample_images[1:2], t=e.t + 1)[0].bpp > 1.0
+    bad = lo.decode([b"junk"], errors="return")[0]
+    assert isinstance(bad, CodecError) and "JPEG XL" in str(bad)
 
 
 def test_pillow_target_bpp_and_errors(sample_images):
