@@ -38,11 +38,17 @@ def _newest_nano_dir() -> Path:
 NANO_DIR = _newest_nano_dir()
 
 
+# Built-in families, best first: TAESD (SD's own latent space) with the project's SD-latent
+# denoiser, then the project's own small nano VAE + UNet. `tiny` (random weights) is the last resort.
+DEFAULT_FAMILIES = ("taesd", "nano")
+
+
 def default_backbone() -> str:
-    """The project's own nano backbone (its newest version) once its weights ship; tiny until then."""
+    """The best built-in backbone that ships (the newest version of the first family of
+    `DEFAULT_FAMILIES` found); tiny when none does."""
     from .registry import newest
 
-    return "nano" if newest("nano") is not None else "tiny"
+    return next((f for f in DEFAULT_FAMILIES if newest(f) is not None), "tiny")
 
 
 def load_backbone(spec: str = "tiny", vae: str | None = None, device: str | None = None) -> Backbone:
@@ -90,7 +96,9 @@ def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "s
     bb = load_backbone(backbone, vae, device)
     config = config or CodecConfig()
     if codec_weights:
-        return DiffusionCodec.from_pretrained(codec_weights, bb, config)
+        from .registry import codec_weights_path
+
+        return DiffusionCodec.from_pretrained(codec_weights_path(codec_weights), bb, config)
     config.entropy = entropy
     return DiffusionCodec(bb, config=config)
 

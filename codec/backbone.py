@@ -231,6 +231,15 @@ class Backbone:
         out = self.unet(x_t.to(self.device, self.dtype), t.to(self.device), encoder_hidden_states=ehs).sample
         return _out(out)
 
+    def encoder_fingerprint(self) -> bytes:
+        """8-byte id of what maps pixels to latents (the VAE, its kind and scale): latents cached
+        with one UNet serve any other UNet on the same VAE."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(b"vae")
+        _hash_module(h, self.vae)
+        h.update(f"{self.scaling_factor:.8f}|{self.vae_kind}".encode())
+        return h.digest()
+
     def fingerprint(self) -> bytes:
         """8-byte id of the weights and schedule; bitstreams carry it so decoding with another
         model is a clear error, never garbage."""

@@ -71,10 +71,20 @@ def ms_ssim(orig: np.ndarray, dec: np.ndarray) -> float:
     return float(_ms_ssim(_t(orig), _t(dec), data_range=255.0, size_average=True))
 
 
+def colour_error(orig: np.ndarray, dec: np.ndarray) -> float:
+    """Mean over R, G, B of |image mean of the original − image mean of the decode|, in 8-bit
+    levels: a colour cast (greens turning grey) shows here even where PSNR hides it."""
+    dec = _match(orig, dec)
+    a = orig.reshape(-1, orig.shape[-1]).astype(np.float64).mean(0)
+    b = dec.reshape(-1, dec.shape[-1]).astype(np.float64).mean(0)
+    return float(np.abs(a - b).mean())
+
+
 def image_metrics(orig: np.ndarray, dec: np.ndarray, perceptual: dict | None = None) -> dict[str, float]:
     """All per-image metrics; `perceptual` maps a name to a loaded `PerceptualMetric`."""
     dec = _match(orig, dec)
-    out = {"psnr": psnr(orig, dec), "ssim": ssim(orig, dec), "ms_ssim": ms_ssim(orig, dec)}
+    out = {"psnr": psnr(orig, dec), "ssim": ssim(orig, dec), "ms_ssim": ms_ssim(orig, dec),
+           "colour_error": colour_error(orig, dec)}
     for name, m in (perceptual or {}).items():
         out[name] = m(orig, dec)
     return out

@@ -99,6 +99,9 @@ class DiffusionCodec:
             # (the caller's module and the saved weights stay float32)
             estimator = copy.deepcopy(estimator).double()
         self.estimator = estimator.eval() if estimator is not None else None
+        # t when none is given and no estimator chooses one; shipped weights carry the t they
+        # were trained for (codec_config.json "default_t"), the static model uses DEFAULT_T.
+        self.default_t = DEFAULT_T
         self._fp: bytes | None = None
 
     # ------------------------------------------------------------------ identity
@@ -190,7 +193,7 @@ class DiffusionCodec:
         if t is not None:
             return self._encode_at(z, item, int(t), shift, scale, tags)
         if target_bpp is None:
-            return self._encode_at(z, item, DEFAULT_T, shift, scale, tags)
+            return self._encode_at(z, item, self.default_t, shift, scale, tags)
         return self._search_t(z, item, float(target_bpp), shift, scale, tags)
 
     def _gamma(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -379,7 +382,7 @@ class DiffusionCodec:
         cfg = {"format": 1, "entropy": self.entropy.name, "channels": self.backbone.latent_channels,
                "hidden": getattr(self.entropy, "hidden", None), "z_channels": getattr(self.entropy, "z_channels", None),
                "backbone_fingerprint": self.backbone.fingerprint().hex(),
-               "codec_fingerprint": self.fingerprint().hex(), "lam": self.config.lam}
+               "codec_fingerprint": self.fingerprint().hex(), "lam": self.config.lam, "default_t": self.default_t}
         if self.estimator is not None:
             save_file({k: v.detach().cpu().float().contiguous() for k, v in self.estimator.state_dict().items()},
                       str(out / "estimator.safetensors"))
@@ -417,7 +420,9 @@ class DiffusionCodec:
         config.entropy = name
         if "lam" in cfg and config.lam == CodecConfig.lam:
             config.lam = float(cfg["lam"])
-        return cls(backbone, ent, est, config)
+        codec = cls(backbone, ent, est, config)
+        codec.default_t = int(cfg.get("default_t") or DEFAULT_T)
+        return codec
 
     # ------------------------------------------------------------------ public stages
     # Thin public names for encode's and decode's stages, so tools (codec.profiling) can time

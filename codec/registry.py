@@ -9,7 +9,8 @@ every model it ever shipped under a name that never changes meaning:
   `nano-v2` beside `nano-v1`, never over it, so records of `nano-v1` still decode.
 * codec weights (entropy model, estimator): any folder under `codec/weights/` holding a
   `codec_config.json` (as `DiffusionCodec.save_pretrained` writes it), keyed by the codec
-  fingerprint recorded there. None ship yet.
+  fingerprint recorded there. `--entropy auto` (the default) encodes with the ones trained for
+  the chosen built-in backbone (`default_codec_weights`).
 
 Lookups need no torch: fingerprints come from the JSON files beside the weights (and a constant
 for `tiny`, whose weights are a seeded random init; tests/test_registry.py recomputes it).
@@ -156,6 +157,29 @@ def unregister_codec_weights(name: str) -> None:
     _codecs.pop(name, None)
 
 
+def codec_weights_path(name_or_dir: str) -> str:
+    """A `--codec-weights` value as a folder: the name of shipped weights, or the folder itself."""
+    _scan()
+    found = _codecs.get(name_or_dir)
+    return str(found.path) if found is not None and not Path(name_or_dir).is_dir() else name_or_dir
+
+
+def weights_entropy(name_or_dir: str) -> str:
+    """The entropy model a codec-weights folder (or shipped name) holds, from its codec_config.json."""
+    cfg = Path(codec_weights_path(name_or_dir)) / "codec_config.json"
+    try:
+        return json.loads(cfg.read_text())["entropy"]
+    except (OSError, ValueError, KeyError):
+        return "hyperprior"  # unreadable here (e.g. a URL): loading it reports what is wrong
+
+
+def default_codec_weights(backbone_fp: str) -> ShippedCodec | None:
+    """The shipped weights `--entropy auto` uses with a built-in backbone: the last by name of
+    those trained for its fingerprint, or None (the static model needs none)."""
+    found = [c for c in codec_weights() if c.backbone_fingerprint == backbone_fp]
+    return max(found, key=lambda c: c.name) if found else None
+
+
 def backbones() -> list[BuiltinBackbone]:
     """Every built-in backbone, by family then version."""
     _scan()
@@ -245,5 +269,5 @@ __all__ = [
     "VERSIONED_NAME", "WEIGHTS_DIR", "aliases", "backbone_for_fingerprint", "backbones", "codec_for_fingerprint",
     "codec_weights", "known_backbones_text", "lookup", "newest", "register_backbone",
     "register_codec_weights", "resolve_backbone", "resolve_codec_weights", "unregister_backbone",
-    "unregister_codec_weights", "write_weight_sums",
+    "unregister_codec_weights", "write_weight_sums", "codec_weights_path", "weights_entropy", "default_codec_weights",
 ]

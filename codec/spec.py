@@ -39,12 +39,13 @@ class CodecSpec:
                                 "a version (default: the best built-in that is installed, taesd)", DATASET)
     vae: str | None = _opt(None, "a TAESD-style autoencoder folder used instead of the backbone's VAE", DATASET,
                            metavar="DIR")
-    entropy: str = _opt("static", "entropy model: static (training-free per-channel Gaussian) or hyperprior (needs "
-                        "--codec-weights)", DATASET, choices=("static", "hyperprior"))
-    codec_weights: str | None = _opt(None, "trained entropy model / estimator folder from `fcodec train`", DATASET,
-                                     metavar="DIR")
+    entropy: str = _opt("auto", "entropy model: auto (the hyperprior shipped for the backbone when there is one, else "
+                        "static) | static (training-free per-channel Gaussian) | hyperprior (needs --codec-weights)", DATASET,
+                        choices=("auto", "static", "hyperprior"))
+    codec_weights: str | None = _opt(None, "trained entropy model / estimator: a folder from `fcodec train`, or the name "
+                                     "of shipped weights", DATASET, metavar="DIR")
     t: int | None = _opt(None, "diffusion step whose noise the quantization matches (1..999; larger = fewer bits; "
-                         "default 100 or the trained estimator's choice)", DATASET, metavar="N", decode=False)
+                         "default: the trained estimator's choice, else the shipped weights' t, else 100)", DATASET, metavar="N", decode=False)
     target_bpp: float | None = _opt(None, "search t per image to meet X bits per pixel", DATASET, metavar="X",
                                     decode=False)
     steps: int | None = _opt(None, "decoder DDIM budget: at most K UNet calls from t to 0; 0 = no denoising "
@@ -78,8 +79,11 @@ class CodecSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def pinned(self) -> "CodecSpec":
-        """This spec with the backbone resolved (what a manifest stores and workers load)."""
-        return self if self.baseline else replace(self, backbone=self.resolved_backbone())
+        """This spec with the backbone and entropy model resolved (what a manifest stores and workers load)."""
+        if self.baseline:
+            return self
+        entropy, weights = self.resolved_entropy()
+        return replace(self, backbone=self.resolved_backbone(), entropy=entropy, codec_weights=weights)
 
     def replace(self, **changes: Any) -> "CodecSpec":
         return replace(self, **changes)
@@ -100,12 +104,29 @@ class CodecSpec:
         builtin = lookup(name)
         return builtin.name if builtin is not None else name
 
+    def resolved_entropy(self) -> tuple[str, str | None]:
+        """(entropy, codec_weights) with `auto` resolved: given weights name their own model; else the
+        weights shipped for this built-in backbone (by fingerprint), else the static model (no torch)."""
+        from .registry import default_codec_weights, lookup, weights_entropy
+
+        if self.entropy != "auto":
+            return self.entropy, self.codec_weights
+        if self.codec_weights:
+            return weights_entropy(self.codec_weights), self.codec_weights
+        builtin = None if self.vae else lookup(self.resolved_backbone())  # another VAE: another fingerprint
+        shipped = default_codec_weights(builtin.fingerprint) if builtin is not None else None
+        return (shipped.entropy, shipped.name) if shipped is not None else ("static", None)
+
     def identity(self, keys: tuple[str, ...] | None = None) -> dict:
         """The options that must match (default: `dataset_keys`), defaults resolved."""
         keys = keys or self.dataset_keys()
         d = {k: getattr(self, k) for k in keys}
-        if "backbone" in d and not self.baseline:
-            d["backbone"] = self.resolved_backbone()
+        if not self.baseline:
+            if "backbone" in d:
+                d["backbone"] = self.resolved_backbone()
+            if "entropy" in d or "codec_weights" in d:
+                entropy, weights = self.resolved_entropy()
+                d.update({k: v for k, v in (("entropy", entropy), ("codec_weights", weights)) if k in d})
         return d
 
     def conflicts(self, other: "CodecSpec", keys: tuple[str, ...] | None = None) -> dict[str, tuple]:
@@ -150,8 +171,9 @@ class CodecSpec:
             if getattr(self, k) is not None:
                 setattr(cfg, k, getattr(self, k))
         device = self.device or ("cuda" if torch.cuda.is_available() else None)
-        return load_codec(self.resolved_backbone(), vae=self.vae, entropy=self.entropy,
-                          codec_weights=self.codec_weights, device=device, config=cfg)
+        entropy, weights = self.resolved_entropy()
+        return load_codec(self.resolved_backbone(), vae=self.vae, entropy=entropy,
+                          codec_weights=weights, device=device, config=cfg)
 
 
 def spec_fields() -> list:

@@ -213,14 +213,19 @@ def fit_quantiles(entropy: HyperpriorEntropyModel, steps: int = 2000, lr: float 
     return loss.item()
 
 
-def export_codec(backbone, model: RateDistortion, lam: float = 1.0, quantile_steps: int = 2000):
-    """A ready `DiffusionCodec` from trained parts (CDF tables rebuilt); `.save_pretrained(DIR)` it."""
+def export_codec(backbone, model: RateDistortion, lam: float = 1.0, quantile_steps: int = 2000,
+                 default_t: int | None = None):
+    """A ready `DiffusionCodec` from trained parts (CDF tables rebuilt); `.save_pretrained(DIR)` it.
+    `default_t`: the t it encodes at when none is given (and no estimator chooses), saved with it."""
     from .model import CodecConfig, DiffusionCodec
 
     fit_quantiles(model.entropy, quantile_steps)
     entropy = model.entropy.cpu().float().eval()
     est = model.estimator.cpu().float().eval() if model.estimator is not None else None
-    return DiffusionCodec(backbone, entropy, est, CodecConfig(entropy=entropy.name, lam=lam))
+    codec = DiffusionCodec(backbone, entropy, est, CodecConfig(entropy=entropy.name, lam=lam))
+    if default_t is not None:
+        codec.default_t = int(default_t)
+    return codec
 
 
 def encode_latents(backbone, x: torch.Tensor) -> torch.Tensor:

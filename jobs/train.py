@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="t range for --no-estimator (default 1 400)")
     g.add_argument("--no-denoise", action="store_true", help="measure distortion on ẑ instead of the one-step x̂₀")
+    g.add_argument("--default-t", type=int, default=None, metavar="N",
+                   help="the t the exported weights encode at when none is given (default: the codec's, 100)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 10%% over --train-steps (default: %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--train-steps", type=int, default=1000, help="optimizer steps per worker (default: %(default)s)")
@@ -37,6 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, dest="deprecated_steps", help=argparse.SUPPRESS)
     r.add_argument("--batch-size", type=int, default=8, help="crops per worker and step (default: %(default)s)")
     r.add_argument("--crop", type=int, default=256, help="random crop size in pixels, multiple of 8 (default: %(default)s)")
+    r.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="downscale each training image to this longer side first (default: as it is)")
     r.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
     r.add_argument("--gpu", action="store_true", help="one GPU per worker")
     r.add_argument("--storage-path", default=None, help="checkpoints, local or s3:// (default: OUT/checkpoints)")
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give training images (DATA) or --latent-cache URL")
     init_ray(args.ray_address)  # None: a local cluster, never one joined by accident
     if args.build_cache:
-        n = build_latent_cache(args.data, args.latent_cache, backbone, args.vae, num_actors=args.workers, use_gpu=args.gpu)
+        n = build_latent_cache(args.data, args.latent_cache, backbone, args.vae, num_actors=args.workers, use_gpu=args.gpu,
+                               max_side=args.max_side)
         print(f"latent cache: {n} images -> {args.latent_cache}")
     cfg = CodecTrainConfig(distortion=args.distortion, lam_min=args.lam_min, lam_max=args.lam_max,
                       train_estimator=not args.no_estimator, denoise=not args.no_denoise, lr=args.lr,
@@ -80,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     job = TrainJob(data=args.data, out=args.out, backbone=backbone, vae=args.vae, latent_cache=args.latent_cache,
                    num_workers=args.workers, use_gpu=args.gpu, storage_path=args.storage_path, name=args.name,
                    train_steps=args.train_steps, batch_size=args.batch_size, crop=args.crop, checkpoint_every=args.checkpoint_every,
-                   log_every=args.log_every, max_failures=args.max_failures, seed=args.seed, train=cfg.to_dict())
+                   log_every=args.log_every, max_failures=args.max_failures, seed=args.seed, max_side=args.max_side,
+                   default_t=args.default_t,
+                   train=cfg.to_dict())
     res = train(job)
     last = res.history[-1] if res.history else {}
     print(f"{args.out}: trained {len(res.history)} steps; last bpp {last.get('bpp', float('nan')):.4f}, "

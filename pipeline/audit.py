@@ -43,6 +43,7 @@ METRICS_SCHEMA = pa.schema([
     pa.field("ms_ssim", pa.float64()),     # null when a side is < 161 px (and for failed rows)
     pa.field("lpips", pa.float64()),       # null when LPIPS weights are absent
     pa.field("dists", pa.float64()),
+    pa.field("colour_error", pa.float64()),  # mean |per-channel image mean difference|, 8-bit levels
     pa.field("n_patches", pa.int32()),     # HiFiC patches this image gave to FID/KID
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),

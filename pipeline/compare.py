@@ -54,6 +54,24 @@ def sweep_plan(codecs: list[str], ts: list[int], qualities: dict[str, list[int]]
     return out
 
 
+def matched_rates(groups: list[dict], metrics: tuple[str, ...] = ("psnr", "ms_ssim", "colour_error")) -> list[dict]:
+    """Each baseline at each of our settings' mean rate: its metrics linearly interpolated between
+    its two settings around that bpp (NaN outside its swept range: never extrapolated)."""
+    ours = [g for g in groups if g["codec"].startswith(OURS)]
+    out = []
+    for o in ours:
+        for name in dict.fromkeys(g["codec"] for g in groups if not g["codec"].startswith(OURS)):
+            pts = sorted((g["bpp"], g) for g in groups if g["codec"] == name and np.isfinite(g["bpp"]))
+            row = {"ours": f"{o['codec']} {o['setting']}", "bpp": o["bpp"], "codec": name}
+            for m in metrics:
+                xs = [b for b, g in pts if np.isfinite(g.get(m, np.nan))]
+                ys = [g[m] for b, g in pts if np.isfinite(g.get(m, np.nan))]
+                inside = len(xs) >= 2 and xs[0] <= o["bpp"] <= xs[-1]
+                row[m] = float(np.interp(o["bpp"], xs, ys)) if inside else float("nan")
+            out.append(row)
+    return out
+
+
 def load_dataset(url: str, limit: int | None = None, crop: str | None = None,
                  opts: StorageOptions | None = None) -> list[tuple[str, np.ndarray]]:
     """(key, uint8 array) of every readable image, sorted by key; unreadable inputs are skipped
@@ -146,6 +164,10 @@ def run_compare(cfg: CompareConfig, make_ours: Callable[[], object], opts: Stora
     anchor = cfg.anchor if any(g["codec"] == cfg.anchor for g in groups) else None
     summary = {"dataset": cfg.dataset, "n_images": len(images), "crop": cfg.crop, "patch": cfg.audit.patch,
                "groups": groups, "notes": notes, "anchor": anchor or (groups[0]["codec"] if groups else None)}
+    summary["matched"] = matched_rates(groups)
+    for m in summary["matched"]:
+        echo(f"at {m['ours']}'s {m['bpp']:.4f} bpp: {m['codec']} PSNR {m['psnr']:.2f} dB, MS-SSIM {m['ms_ssim']:.4f} "
+             f"(interpolated)")
     worst_items = [w for _, _, w in sorted(worst, key=lambda x: x[0], reverse=True)]
     write_outputs(cfg.out, df, summary, worst_items, opts, anchor=anchor)
     return summary

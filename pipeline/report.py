@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-QUALITY = [("psnr", "PSNR (dB)"), ("ms_ssim", "MS-SSIM"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("dists", "DISTS")]
+QUALITY = [("psnr", "PSNR (dB)"), ("ms_ssim", "MS-SSIM"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("dists", "DISTS"),
+           ("colour_error", "colour error (levels)")]
 
 
 def label(codec: str, setting: str | None = None) -> str:

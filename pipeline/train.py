@@ -60,6 +60,8 @@ class TrainJob:
     max_failures: int = 0
     seed: int = 0
     threads_per_worker: int = 1
+    max_side: int | None = None  # downscale images to this longer side before encoding (None: as they are)
+    default_t: int | None = None  # the exported weights' t when none is given (None: the codec's DEFAULT_T)
     train: dict = field(default_factory=dict)  # codec.training.CodecTrainConfig fields
 
     def resolved_storage(self) -> str:
@@ -96,7 +98,7 @@ def _worker_images(data: str, rank: int, world: int, opts: StorageOptions | None
 
 
 def _worker_latents(cache: str, rank: int, world: int, opts: StorageOptions | None = None) -> tuple[list, str]:
-    """This worker's share of a latent cache as float32 tensors (C, h, w), and the backbone fingerprint."""
+    """This worker's share of a latent cache as float32 tensors (C, h, w), and the encoder fingerprint."""
     import pyarrow.parquet as pq
     import torch
 
@@ -114,7 +116,7 @@ def _worker_latents(cache: str, rank: int, world: int, opts: StorageOptions | No
     if not mine:
         raise ValueError(f"latent cache '{cache}' has {len(rows)} rows, fewer than {world} workers")
     return [torch.from_numpy(np.frombuffer(r["latent"], dtype="<f2").reshape(r["channels"], r["height"], r["width"])
-                             .astype(np.float32)) for r in mine], rows[0]["backbone_fingerprint"]
+                             .astype(np.float32)) for r in mine], rows[0]["encoder_fingerprint"]
 
 
 class _Batches:
@@ -127,9 +129,9 @@ class _Batches:
             raise ValueError(f"--crop must be a multiple of 8 pixels, got {job.crop}")
         if job.latent_cache:
             self.latents, fp = _worker_latents(job.latent_cache, rank, world, opts)
-            if fp != backbone.fingerprint().hex():
-                raise ValueError(f"latent cache '{job.latent_cache}' was made with backbone {fp}, not "
-                                 f"{backbone.fingerprint().hex()}: rebuild it with the same --backbone/--vae")
+            if fp != backbone.encoder_fingerprint().hex():  # latents depend on the VAE only, not the UNet
+                raise ValueError(f"latent cache '{job.latent_cache}' was made with the VAE {fp}, not "
+                                 f"{backbone.encoder_fingerprint().hex()}: rebuild it with the same --backbone/--vae")
             self.images = None
         else:
             self.images, self.latents = _worker_images(job.data, rank, world, opts), None
@@ -141,7 +143,6 @@ class _Batches:
         """(z (B,C,c,c), images (B,3,8c,8c) in [-1,1] or None)."""
         import torch
 
-        from codec import load_image
         from codec.pixels import random_crop, to_unit
         from codec.training import encode_latents
 
@@ -150,7 +151,8 @@ class _Batches:
         if self.latents is not None:
             z = torch.stack([random_crop(self.latents[i], self.job.crop // 8, self.g) for i in idx])
             return z, None
-        x = torch.stack([random_crop(to_unit(load_image(self.images[i]).pixels), self.job.crop, self.g) for i in idx])
+        x = torch.stack([random_crop(to_unit(training_pixels(self.images[i], self.job.max_side)), self.job.crop, self.g)
+                         for i in idx])
         return encode_latents(self.backbone, x), x
 
 
@@ -289,7 +291,7 @@ def export(job: TrainJob, state: dict, opts: StorageOptions | None = None):
     backbone = load_backbone(job.backbone, job.vae)
     model = RateDistortion(backbone, CodecTrainConfig.from_dict(state["train_config"]))
     model.load_state_dict(state["model"])
-    codec = export_codec(backbone, model)
+    codec = export_codec(backbone, model, default_t=job.default_t)
     fs, path = get_fs(job.out, opts)
     if is_local(fs):
         codec.save_pretrained(path)
@@ -302,31 +304,38 @@ def export(job: TrainJob, state: dict, opts: StorageOptions | None = None):
 
 
 # ---------------------------------------------------------------- latent cache
+def training_pixels(data: bytes, max_side: int | None) -> np.ndarray:
+    """A training image's RGB pixels, downscaled to `max_side` (training folders are the user's own
+    photos, so the cap on pixels is the training one, not the compress job's)."""
+    from codec import load_image
+    from codec.pixels import TRAINING_MAX_PIXELS, cap_long_side
+
+    return cap_long_side([load_image(bytes(data), max_pixels=TRAINING_MAX_PIXELS).pixels], max_side)[0]
+
+
 class LatentEncoder:
     """Ray Data actor: image bytes -> float16 latents (the VAE loaded once per actor)."""
 
-    def __init__(self, backbone: str, vae: str | None, use_gpu: bool = False) -> None:
+    def __init__(self, backbone: str, vae: str | None, use_gpu: bool = False, max_side: int | None = None) -> None:
         import torch
 
         from codec import load_backbone
 
         torch.set_num_threads(1)
         self.backbone = load_backbone(backbone, vae, "cuda" if use_gpu else None)
-        self.fp = self.backbone.fingerprint().hex()
+        self.fp = self.backbone.encoder_fingerprint().hex()
+        self.max_side = max_side
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from codec import load_image
         from codec.pixels import to_unit
         from codec.training import encode_latents
 
-        out = {k: [] for k in ("key", "source_uri", "latent", "channels", "height", "width", "backbone_fingerprint")}
+        out = {k: [] for k in ("key", "source_uri", "latent", "channels", "height", "width", "encoder_fingerprint")}
         for key, uri, data in zip(batch["key"], batch["source_uri"], batch["data"]):
             if data is None:
                 continue
             try:
-                px = load_image(bytes(data)).pixels
+                px = training_pixels(data, self.max_side)
             except ValueError:
                 continue  # not an image: training skips it, as the compress job would report it
             z = encode_latents(self.backbone, to_unit(px)[None])[0].cpu().numpy().astype("<f2")
@@ -336,13 +345,13 @@ class LatentEncoder:
             out["channels"].append(z.shape[0])
             out["height"].append(z.shape[1])
             out["width"].append(z.shape[2])
-            out["backbone_fingerprint"].append(self.fp)
-        return {k: np.array(v, dtype=object if k in ("key", "source_uri", "latent", "backbone_fingerprint") else np.int32)
+            out["encoder_fingerprint"].append(self.fp)
+        return {k: np.array(v, dtype=object if k in ("key", "source_uri", "latent", "encoder_fingerprint") else np.int32)
                 for k, v in out.items()}
 
 
 def build_latent_cache(data: str, out: str, backbone: str = "tiny", vae: str | None = None, num_actors: int = 1,
-                       use_gpu: bool = False, opts: StorageOptions | None = None) -> int:
+                       use_gpu: bool = False, opts: StorageOptions | None = None, max_side: int | None = None) -> int:
     """Encode every image under `data` once with the VAE; write Parquet latents to `out`. Returns rows.
 
     Runs on the Ray cluster this process is connected to, else on a new local one."""
@@ -368,7 +377,7 @@ def build_latent_cache(data: str, out: str, backbone: str = "tiny", vae: str | N
 
     ds = ray.data.from_items([{"shard": b} for b in blobs]).flat_map(read)
     ds = ds.map_batches(
-        LatentEncoder, fn_constructor_kwargs={"backbone": backbone, "vae": vae, "use_gpu": use_gpu},
+        LatentEncoder, fn_constructor_kwargs={"backbone": backbone, "vae": vae, "use_gpu": use_gpu, "max_side": max_side},
         compute=ray.data.ActorPoolStrategy(size=max(1, num_actors)), batch_size=8,
         num_gpus=1 if use_gpu else 0, num_cpus=0.5, batch_format="numpy",
     )

@@ -27,7 +27,7 @@ def png_pixels(path: Path) -> np.ndarray:
 
 
 def test_nano_v1_is_todays_weights_with_the_release_fingerprint():
-    assert registry.aliases()["nano"] == "nano-v1" and default_backbone() == "nano"
+    assert registry.aliases()["nano"] == "nano-v1" and default_backbone() in ("taesd", "nano")
     assert registry.lookup("nano-v1").fingerprint == NANO_V1_FP
     assert NANO_DIR == registry.lookup("nano-v1").path and NANO_DIR.name == "nano-v1"
     for spec in ("nano", "nano-v1"):
@@ -133,6 +133,35 @@ def test_shipped_codec_weights_are_found_by_codec_fingerprint(tmp_path, capsys):
     finally:
         registry.unregister_codec_weights("golden-hyperprior")
     assert registry.codec_for_fingerprint(entry["codec_fingerprint"]) is None
+
+
+def test_entropy_auto_picks_the_weights_shipped_for_the_backbone(tmp_path, sample_images):
+    """`--entropy auto` (the default): the hyperprior shipped for a built-in backbone, stored by
+    name in the pinned spec, with the t it was trained for; static where none ships."""
+    from codec import DiffusionCodec
+    from codec.spec import CodecSpec
+
+    assert CodecSpec(backbone="tiny").resolved_entropy() == ("static", None)
+    hp = DiffusionCodec(load_backbone("tiny"), config=CodecConfig(entropy="hyperprior"))
+    hp.default_t = 77
+    hp.save_pretrained(tmp_path / "hp")
+    assert json.loads((tmp_path / "hp" / "codec_config.json").read_text())["default_t"] == 77
+    registry.register_codec_weights("tiny-hyperprior-test", tmp_path / "hp")
+    try:
+        spec = CodecSpec(backbone="tiny")
+        assert spec.resolved_entropy() == ("hyperprior", "tiny-hyperprior-test")
+        assert spec.pinned().entropy == "hyperprior" and spec.pinned().codec_weights == "tiny-hyperprior-test"
+        assert spec.identity() == CodecSpec(backbone="tiny", entropy="hyperprior",
+                                            codec_weights="tiny-hyperprior-test").identity()
+        assert CodecSpec(backbone="tiny", entropy="static").resolved_entropy() == ("static", None)
+        assert CodecSpec(backbone="tiny", vae="/x").resolved_entropy() == ("static", None)  # another VAE
+        codec = spec.build()
+        assert codec.entropy.name == "hyperprior" and codec.fingerprint() == hp.fingerprint()
+        enc = codec.encode(sample_images[:1])[0]
+        assert enc.t == 77 and codec.decode([enc.data])[0].shape == sample_images[0].shape
+    finally:
+        registry.unregister_codec_weights("tiny-hyperprior-test")
+    assert CodecSpec(backbone="tiny").resolved_entropy() == ("static", None)
 
 
 def test_record_with_a_vae_finds_its_builtin(taesd_dir):

@@ -163,7 +163,7 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
     rows = pq.read_table(str(tmp_path / "cache")).to_pylist()
     row = next(r for r in rows if r["key"] == "sample_0001.png")  # 96x128 -> 12x16 latent
     assert (row["channels"], row["height"], row["width"]) == (4, 12, 16)
-    assert row["backbone_fingerprint"] == tiny_codec.backbone.fingerprint().hex()
+    assert row["encoder_fingerprint"] == tiny_codec.backbone.encoder_fingerprint().hex()
     px = torch.from_numpy(load_image((sample_dir / "sample_0001.png").read_bytes()).pixels.copy()).permute(2, 0, 1)[None]
     want = encode_latents(tiny_codec.backbone, px.float() / 127.5 - 1)[0].numpy()
     got = np.frombuffer(row["latent"], dtype="<f2").reshape(4, 12, 16).astype(np.float32)
@@ -174,6 +174,15 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
     assert len(batches) == 4  # every 2nd of the 8 rows
     z, x = batches.next()
     assert z.shape == (3, 4, 8, 8) and x is None
+    # Latents depend on the VAE alone: the cache serves a backbone with another UNet, not another VAE.
+    from codec import Backbone
+
+    other_unet = Backbone.tiny(0)
+    other_unet.unet = Backbone.tiny(1).unet
+    assert other_unet.fingerprint() != tiny_codec.backbone.fingerprint()
+    assert len(_Batches(other_unet, job, rank=0, world=1, generator=torch.Generator())) == 8
+    with pytest.raises(ValueError, match="made with the VAE"):
+        _Batches(Backbone.tiny(1), job, rank=0, world=1, generator=torch.Generator())
 
 
 @pytest.mark.slow
