@@ -1,11 +1,31 @@
-"""Synthetic 'real-looking' sample images for the demo and tests: smooth gradients, shapes,
-textures and noise, varied sizes — no downloads needed."""
+"""Sample images for the demo and tests: four real photographs shipped with the package
+(`jobs/sample_photos/`, licences in its NOTICE.md), and synthetic images (smooth gradients,
+shapes, textures and noise, varied sizes) for tests that need many small inputs."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
 import numpy as np
+
+PHOTOS_DIR = Path(__file__).parent / "sample_photos"
+
+
+def sample_photos() -> list[Path]:
+    """The shipped demo photographs (JPEG, longer side 512 px), sorted by name."""
+    return sorted(PHOTOS_DIR.glob("*.jpg"))
+
+
+def write_photos(out_dir: str | Path, n: int | None = None) -> list[Path]:
+    """Copy the first n shipped photographs (all when None) into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src in sample_photos()[:n]:
+        dst = out / src.name
+        dst.write_bytes(src.read_bytes())
+        paths.append(dst)
+    return paths
 
 
 def sample_image(seed: int, height: int = 96, width: int = 128) -> np.ndarray:

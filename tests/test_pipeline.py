@@ -486,13 +486,26 @@ def test_cli_s3_endpoint_and_credentials_from_environment(tmp_path, s3_server, s
 
 @pytest.mark.slow
 def test_demo_runs_the_main_job_end_to_end(tmp_path, ray_local, capsys):
+    """The README's main command on its defaults: the shipped photos through the default backbone
+    on a local Ray, a side-by-side PNG against JPEG at no more bytes, and the numbers."""
+    from PIL import Image
+
     from jobs.cli import main
+    from jobs.samples import sample_photos
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "2", "--steps", "2"]) == 0
     text = capsys.readouterr().out
-    assert "demo: 6/6 images compressed, 6 decoded" in text and "mean PSNR" in text
+    assert "demo: 2/2 images compressed, 2 decoded" in text and "mean PSNR" in text and "JPEG" in text
+    assert len(read_dataset(str(out / "bitstreams"))) == 2
+    rd = json.loads((out / "rd.json").read_text())
+    assert [r["key"] for r in rd] == [p.name for p in sample_photos()[:2]]
+    for r in rd:  # a recognisable photo, and JPEG was held to no more bytes than ours
+        assert 0.02 < r["bpp"] < 0.3 and r["psnr"] > 19.0 and r["jpeg_bpp"] <= r["bpp"] + 1e-9
+    sheet = Image.open(out / "side_by_side.png")
+    assert sheet.width >= 3 * max(r["width"] for r in rd) and sheet.height > sum(r["height"] for r in rd)
+    # synthetic samples, inline, into the same folder: a second run starts clean
+    assert main(["demo", "--out", str(out), "--samples", "synthetic", "--n", "6", "--steps", "1", "--no-ray",
+                 "--backbone", "tiny"]) == 0
     assert len(read_dataset(str(out / "bitstreams"))) == 6
     assert sorted(p.name for p in (out / "decoded").glob("*.png")) == sorted(p.name for p in (out / "originals").glob("*.png"))
-    assert main(["demo", "--out", str(out), "--n", "6", "--steps", "1", "--no-ray"]) == 0  # a second run starts clean
-    assert len(read_dataset(str(out / "bitstreams"))) == 6
