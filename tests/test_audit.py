@@ -102,7 +102,7 @@ def test_audit_reports_failed_rows_and_merges_fid_statistics(tmp_path, ray_local
     assert any("LPIPS skipped: weights not found" in n for n in summary["notes"])
     page = (tmp_path / "out" / "report.html").read_text()
     assert "Failed rows (4)" in page and "source_sha256 mismatch" in page
-    assert page.count("<img") == 1 + 2 * 3 + 2 * 3  # histogram, scatter+RD x 3 metrics, 2 worst x 3 thumbnails
+    assert page.count("<img") == 1 + 2 * 4 + 2 * 3  # histogram, scatter+RD x 4 metrics (with colour_error), 2 worst x 3 thumbnails
 
 
 def test_audit_of_an_empty_location_says_what_to_do(tmp_path):

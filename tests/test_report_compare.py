@@ -39,7 +39,7 @@ def test_compare_synthetic_all_codecs(tmp_path, capsys):
     assert all(g["fid"] is not None and g["fid"] >= 0 for g in s["groups"])
     assert any("compressai:bmshj2018-factorized q1 skipped: CompressAI weights not found" in n for n in s["notes"])
     page = (out / "report.html").read_text()
-    assert page.count("<img") == 1 + 3 + 3 + 2 * 3
+    assert page.count("<img") == 1 + 4 + 4 + 2 * 3  # histogram, scatter and RD for psnr, ms_ssim, ssim, colour_error, worst
     bd = dict(re.findall(r"<tr><td class='l'>(\w+)</td><td>([^<]+)</td>", page))
     assert set(bd) >= {"webp", "avif"}
     assert "skipped" in capsys.readouterr().out
@@ -71,7 +71,7 @@ def test_compare_on_kodak_writes_report_with_all_plots(kodak_compare):
     page = (out / "report.html").read_text()
     for alt in ("bpp histogram", "psnr scatter", "ms_ssim scatter", "psnr RD curve", "ms_ssim RD curve"):
         assert f'alt="{alt}"' in page
-    assert page.count("<img") == 1 + 3 + 3 + 4 * 3
+    assert page.count("<img") == 1 + 4 + 4 + 4 * 3
     rows = dict(re.findall(r"<tr><td class='l'>(\w+)</td><td>([^<]+)</td>", page))
     assert re.fullmatch(r"[+-]\d+\.\d%", rows["webp"]) and re.fullmatch(r"[+-]\d+\.\d%", rows["avif"])
 
