@@ -352,7 +352,8 @@ def test_codec_spec_round_trips_through_a_manifest(tmp_path):
     compress(JobConfig(src=str(src), dst=str(dst), codec=SPEC), **quiet)
     m = json.loads((dst / "__fcodec__" / "manifest.json").read_text())
     spec = CodecSpec.from_dict(m["codec"])
-    assert spec == CodecSpec.from_dict(SPEC) and spec.to_dict() == m["codec"]
+    assert spec == CodecSpec.from_dict(SPEC).pinned() and spec.to_dict() == m["codec"]  # stored resolved
+    assert spec.entropy == "static" and spec.codec_weights is None  # `auto` with no weights for tiny
     assert spec.conflicts(CodecSpec(backbone="tiny", t=100)) == {}
     assert spec.conflicts(CodecSpec(backbone="tiny", t=50)) == {"t": (100, 50)}
     with pytest.raises(ValueError, match="unknown codec options"):
