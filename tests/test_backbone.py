@@ -35,7 +35,15 @@ def test_sd_layout_roundtrip_same_fingerprint_and_pixels(tmp_path, sample_images
     a, b = DiffusionCodec(tiny), DiffusionCodec(loaded)
     data = a.encode([sample_images[0]], t=40)[0].data
     assert b.encode([sample_images[0]], t=40)[0].data == data
-    assert np.array_equal(a.decode([data], steps=2)[0], b.decode([data], steps=2)[0])
+    # float32 convolutions may pick other kernels for weights allocated differently (measured
+    # here: 1 level on 0.008% of pixels); exact mode is the bit-exact promise (docs/bitstream.md).
+    fa, fb = a.decode([data], steps=2)[0], b.decode([data], steps=2)[0]
+    assert np.abs(fa.astype(int) - fb).max() <= 1 and (fa != fb).mean() < 0.001
+    from codec.model import CodecConfig
+
+    exact = CodecConfig(precision="exact")
+    xa, xb = DiffusionCodec(Backbone.tiny(0), config=exact), DiffusionCodec(load_backbone(str(tmp_path / "sd")), config=exact)
+    assert np.array_equal(xa.decode([data], steps=2)[0], xb.decode([data], steps=2)[0])
 
 
 def test_empty_prompt_from_text_encoder_is_computed_once_and_cached(tmp_path):
