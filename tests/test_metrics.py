@@ -56,7 +56,9 @@ def test_ms_ssim_and_ssim_match_pytorch_msssim():
     assert M.ms_ssim(orig, orig) == pytest.approx(1.0, abs=1e-12)
     assert math.isnan(M.ms_ssim(orig[:160], dec[:160]))  # too small for 5 scales: NaN, not a crash
     m = M.image_metrics(orig, dec)
-    assert set(m) == {"psnr", "ssim", "ms_ssim"} and 20 < m["psnr"] < 30
+    assert set(m) == {"psnr", "ssim", "ms_ssim", "colour_error"} and 20 < m["psnr"] < 30
+    assert m["colour_error"] == pytest.approx(np.abs(orig.reshape(-1, 3).mean(0) - dec.reshape(-1, 3).mean(0)).mean())
+    assert M.colour_error(orig, orig) == 0.0
 
 
 def test_hific_patches_grid_and_shift():

@@ -500,8 +500,9 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, ray_local, capsys):
     assert len(read_dataset(str(out / "bitstreams"))) == 2
     rd = json.loads((out / "rd.json").read_text())
     assert [r["key"] for r in rd] == [p.name for p in sample_photos()[:2]]
-    for r in rd:  # a recognisable photo, and JPEG was held to no more bytes than ours
-        assert 0.02 < r["bpp"] < 0.3 and r["psnr"] > 19.0 and r["jpeg_bpp"] <= r["bpp"] + 1e-9
+    for r in rd:  # a recognisable photo, and JPEG held to no more bytes than ours (or at its lowest quality)
+        assert 0.02 < r["bpp"] < 0.3 and r["psnr"] > 19.0
+        assert r["jpeg_bpp"] <= r["bpp"] + 1e-9 or r["jpeg_quality"] == 1
     sheet = Image.open(out / "side_by_side.png")
     assert sheet.width >= 3 * max(r["width"] for r in rd) and sheet.height > sum(r["height"] for r in rd)
     # synthetic samples, inline, into the same folder: a second run starts clean
