@@ -23,17 +23,17 @@ def test_stage_breakdown_covers_every_stage(tiny_codec, sample_images):
 def test_bench_cli_writes_json_markdown_and_the_efficiency_line(tmp_path):
     out = tmp_path / "bench"
     (tmp_path / "perf.md").write_text("# old figures\n\n## Notes\n\n- kept by hand\n")
-    p = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--out", str(out), "--images", "8", "--size", "32",
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--out", str(out), "--images", "4", "--size", "32",
                         "--batch", "4", "--repeats", "1", "--sections", "stages,fastpath,pipeline,gpu",
                         "--docs", str(tmp_path / "perf.md")], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
     rep = res["pipeline"]["repeats"][0]
     for name in ("bare_loop", "ray_job", "ray_job_other"):
-        assert rep[name]["images"] == 32 and rep[name + "_4x"]["images"] == 128, name
+        assert rep[name]["images"] == 16 and rep[name + "_4x"]["images"] == 64, name
     # the default run reads and decodes in 4 I/O threads per actor; the comparison run in one
     assert rep["ray_job"]["io_threads"] == 4 and rep["ray_job_other"]["io_threads"] == 1
-    # 8 shards of 4 images reach the driver one by one: the job measures its own start-up and rate
+    # 4 shards of 4 images reach the driver one by one: the job measures its own start-up and rate
     assert rep["ray_job"]["steady_images_per_s"] > 0 and rep["ray_job"]["first_output_s"] > 0
     assert rep["efficiency"] == rep["ray_marginal_images_per_s"] / rep["bare_marginal_images_per_s"]
     assert res["pipeline"]["efficiency"] > 0 and "tiny" in res["stages"]
