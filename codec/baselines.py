@@ -100,11 +100,11 @@ class PillowCodec:
         Image.fromarray(px).save(buf, format=PILLOW_FORMATS[self.fmt], **kw)
         return buf.getvalue()
 
-    def _encode_one(self, im, target_bpp: float | None) -> Encoded:
+    def _encode_one(self, im, target_bpp: float | None, quality: int) -> Encoded:
         px = _pixels(im)
         h, w = px.shape[:2]
         if target_bpp is None:
-            return Encoded(self._encode_q(px, self.quality), self.quality, w, h)
+            return Encoded(self._encode_q(px, quality), quality, w, h)
         # bisection on quality: the highest quality whose rate stays within the target
         lo, hi, best = 1, 100, None
         while lo <= hi:
@@ -118,10 +118,9 @@ class PillowCodec:
 
     def encode(self, images: list, t: int | None = None, target_bpp: float | None = None, errors: str = "raise") -> list:
         """Encode uint8 (H,W,3) arrays or `LoadedImage`s; `t` (if given) overrides the quality."""
-        if t is not None:
-            return PillowCodec(self.fmt, t, self.config).encode(images, None, target_bpp, errors)
+        quality = self.quality if t is None else int(t)
         target_bpp = target_bpp if target_bpp is not None else self.config.target_bpp
-        return _per_item(lambda im: self._encode_one(im, target_bpp), images, errors)
+        return _per_item(lambda im: self._encode_one(im, target_bpp, quality), images, errors)
 
     def _decode_one(self, data: bytes) -> np.ndarray:
         from PIL import Image
@@ -168,11 +167,6 @@ class JpegXLCodec(PillowCodec):
         import imagecodecs
 
         return bytes(imagecodecs.jpegxl_encode(np.ascontiguousarray(px), level=int(q), effort=self.EFFORT))
-
-    def encode(self, images: list, t: int | None = None, target_bpp: float | None = None, errors: str = "raise") -> list:
-        if t is not None:
-            return JpegXLCodec(t, self.config).encode(images, None, target_bpp, errors)
-        return super().encode(images, None, target_bpp, errors)
 
     def _decode_one(self, data: bytes) -> np.ndarray:
         import imagecodecs

@@ -234,7 +234,7 @@ def train_denoiser(data_dir: str | Path, vae_dir: str | Path, out_dir: str | Pat
     log(f"unet done in {time.time() - t0:.0f}s")
     bb = make_backbone(vae, unet, prompt, 1.0, cfg.prediction_type, vae_kind="taesd")
     save_backbone(bb, out)
-    for name in ("LICENSE.taesd.txt",):  # MIT: the notice travels with the weights
-        if (Path(vae_dir) / name).is_file():
-            shutil.copyfile(Path(vae_dir) / name, out / "vae" / name)
+    licence = Path(vae_dir) / "LICENSE.taesd.txt"
+    if licence.is_file():  # MIT: the notice travels with the weights
+        shutil.copyfile(licence, out / "vae" / licence.name)
     return out

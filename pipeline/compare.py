@@ -61,7 +61,8 @@ def matched_rates(groups: list[dict], metrics: tuple[str, ...] = ("psnr", "ms_ss
     out = []
     for o in ours:
         for name in dict.fromkeys(g["codec"] for g in groups if not g["codec"].startswith(OURS)):
-            pts = sorted((g["bpp"], g) for g in groups if g["codec"] == name and np.isfinite(g["bpp"]))
+            pts = sorted(((g["bpp"], g) for g in groups if g["codec"] == name and np.isfinite(g["bpp"])),
+                         key=lambda p: p[0])  # by rate only: two settings may share a bpp
             row = {"ours": f"{o['codec']} {o['setting']}", "bpp": o["bpp"], "codec": name}
             for m in metrics:
                 xs = [b for b, g in pts if np.isfinite(g.get(m, np.nan))]

@@ -135,6 +135,11 @@ class _Batches:
             self.images = None
         else:
             self.images, self.latents = _worker_images(job.data, rank, world, opts), None
+            # With --max-side, decode and downscale once (a wallpaper-sized JPEG per crop would
+            # dominate a step); else keep the compressed bytes and decode per crop (less memory).
+            self.decoded = bool(job.max_side)
+            if self.decoded:
+                self.images = [training_pixels(b, job.max_side) for b in self.images]
 
     def __len__(self) -> int:
         return len(self.latents if self.latents is not None else self.images)
@@ -151,8 +156,8 @@ class _Batches:
         if self.latents is not None:
             z = torch.stack([random_crop(self.latents[i], self.job.crop // 8, self.g) for i in idx])
             return z, None
-        x = torch.stack([random_crop(to_unit(training_pixels(self.images[i], self.job.max_side)), self.job.crop, self.g)
-                         for i in idx])
+        px = [self.images[i] if self.decoded else training_pixels(self.images[i], None) for i in idx]
+        x = torch.stack([random_crop(to_unit(p), self.job.crop, self.g) for p in px])
         return encode_latents(self.backbone, x), x
 
 

@@ -183,6 +183,12 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
     assert len(_Batches(other_unet, job, rank=0, world=1, generator=torch.Generator())) == 8
     with pytest.raises(ValueError, match="made with the VAE"):
         _Batches(Backbone.tiny(1), job, rank=0, world=1, generator=torch.Generator())
+    # From images with --max-side: decoded and downscaled once, then cropped per step.
+    job = TrainJob(data=str(sample_dir), out=str(tmp_path / "w"), batch_size=2, crop=32, max_side=64)
+    batches = _Batches(tiny_codec.backbone, job, rank=0, world=1, generator=torch.Generator().manual_seed(0))
+    assert batches.decoded and len(batches) == 8 and max(max(im.shape[:2]) for im in batches.images) == 64
+    z, x = batches.next()
+    assert x.shape == (2, 3, 32, 32) and z.shape == (2, 4, 4, 4)
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ T = 50  # DESIGN.md: static ≈ 0.113 bpp on Kodak at t = 50
 @pytest.mark.slow
 def test_hyperprior_beats_static_on_real_latents(taesd_dir, shared_dir):
     from codec import load_codec, load_image
-    from codec.pixels import TRAINING_MAX_PIXELS, cap_long_side, random_crop
+    from codec.pixels import random_crop
     from codec.training import CodecTrainConfig, RateDistortion, encode_latents, export_codec, make_optimizer, train_step
+    from pipeline.train import training_pixels
 
     held_out = sorted((shared_dir / "data" / "usc_sipi").glob("*.png"))
     photos = sorted((shared_dir / "data" / "photos").glob("*.jpg"))[::4]  # 9 of the 36 training photos
@@ -28,7 +29,7 @@ def test_hyperprior_beats_static_on_real_latents(taesd_dir, shared_dir):
         # Cache the photos' latents once (downscaled to 512 px, TAESD encode ~1 s each).
         latents = []
         for p in photos:
-            px = cap_long_side([load_image(p.read_bytes(), max_pixels=TRAINING_MAX_PIXELS).pixels], 512)[0]
+            px = training_pixels(p.read_bytes(), 512)
             x = torch.from_numpy(np.ascontiguousarray(px)).permute(2, 0, 1)[None]
             latents.append(encode_latents(bb, x.float() / 127.5 - 1)[0])
         # Rate-only training at the evaluation t: γ = (channel mean, 1) as the codec uses without
