@@ -86,12 +86,12 @@ def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "s
     """Build a ready codec (entropy tables updated) from CLI-style options."""
     from .model import CodecConfig, DiffusionCodec
 
-    if entropy == "hyperprior" and not codec_weights:
+    if entropy in ("hyperprior", "checkerboard") and not codec_weights:
         # An untrained hyperprior is a random initialisation: its fingerprint would differ in every
         # process, so records would encode fine and never decode anywhere else.
         from .model import CodecError
 
-        raise CodecError("--entropy hyperprior needs trained codec weights: pass --codec-weights DIR "
+        raise CodecError(f"--entropy {entropy} needs trained codec weights: pass --codec-weights DIR "
                          "(a folder written by `fcodec train`), or use --entropy static")
     bb = load_backbone(backbone, vae, device)
     config = config or CodecConfig()

@@ -296,7 +296,7 @@ class DiffusionCodec:
             raise limits.DecodeBudgetError(
                 f"bitstream declares a {rec.latent_h}x{rec.latent_w} latent ({tokens} positions), over the decode cap of "
                 f"{self.config.max_latent_tokens} (CodecConfig.max_latent_tokens; attention cost is quadratic in it)")
-        if rec.entropy_id == 1 and tokens > limits.MAX_HS_POSITIONS:
+        if rec.entropy_id in (1, 2) and tokens > limits.MAX_HS_POSITIONS:
             raise limits.DecodeBudgetError(f"hyperprior record with {tokens} latent positions, over the h_s cap of "
                                            f"{limits.MAX_HS_POSITIONS} (codec.limits.MAX_HS_POSITIONS)")
         return rec
@@ -405,8 +405,9 @@ class DiffusionCodec:
                 f"not {backbone.fingerprint().hex()} ({backbone.name}): use the same --backbone/--vae as in training"
             )
         name = cfg["entropy"]
-        kwargs = {"hidden": cfg["hidden"]} if name == "hyperprior" and cfg.get("hidden") else {}
-        if name == "hyperprior" and cfg.get("z_channels"):
+        learned = name in ("hyperprior", "checkerboard")
+        kwargs = {"hidden": cfg["hidden"]} if learned and cfg.get("hidden") else {}
+        if learned and cfg.get("z_channels"):
             kwargs["z_channels"] = cfg["z_channels"]
         ent = ENTROPY_MODELS[name](cfg.get("channels", backbone.latent_channels), **kwargs)
         missing = ent.load_state_dict(load_file(str(d / "entropy.safetensors")), strict=False)

@@ -40,8 +40,8 @@ class CodecSpec:
     vae: str | None = _opt(None, "a TAESD-style autoencoder folder used instead of the backbone's VAE", DATASET,
                            metavar="DIR")
     entropy: str = _opt("auto", "entropy model: auto (the hyperprior shipped for the backbone when there is one, else "
-                        "static) | static (training-free per-channel Gaussian) | hyperprior (needs --codec-weights)", DATASET,
-                        choices=("auto", "static", "hyperprior"))
+                        "static) | static (training-free per-channel Gaussian) | hyperprior, checkerboard (hyperprior + spatial "
+                        "context; both need --codec-weights)", DATASET, choices=("auto", "static", "hyperprior", "checkerboard"))
     codec_weights: str | None = _opt(None, "trained entropy model / estimator: a folder from `fcodec train`, or the name "
                                      "of shipped weights", DATASET, metavar="DIR")
     t: int | None = _opt(None, "diffusion step whose noise the quantization matches (1..999; larger = fewer bits; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ class CodecTrainConfig:
     train_estimator: bool = True  # False: γ = (channel mean, 1), t ~ U(t_range); rate-only training
     t_range: tuple[float, float] = (T_MIN, T_MAX)
     z_warmup: int = 200  # steps over which the side latent's bits ramp from free to full price (logged bpp too)
+    entropy_model: str = "hyperprior"  # or "checkerboard" (hyperprior + spatial context)
+    init_weights: str | None = None  # codec weights (name or folder) whose entropy tensors start training
     hidden: int = 64  # hyperprior width
     z_channels: int = 8  # hyperprior side-latent width
     estimator_hidden: int = 32
@@ -80,7 +83,7 @@ class RateDistortion(nn.Module):
         self.config = config
         self._backbone = [backbone]  # a list hides it from nn.Module registration
         c = backbone.latent_channels
-        self.entropy = entropy if entropy is not None else HyperpriorEntropyModel(c, config.hidden, config.z_channels)
+        self.entropy = entropy if entropy is not None else initial_entropy(config, c)
         if config.train_estimator:
             self.estimator = estimator if estimator is not None else ParameterEstimator(c, config.estimator_hidden)
         else:
@@ -141,6 +144,30 @@ class RateDistortion(nn.Module):
         rd = (bpp + lam * dist).mean()
         return {"loss": rd + aux, "rd": rd.detach(), "bpp": bpp.mean().detach(), "distortion": dist.mean().detach(),
                 "t": t.mean().detach(), "lam": lam.mean(), "aux": aux.detach()}
+
+
+def initial_entropy(config: CodecTrainConfig, channels: int) -> nn.Module:
+    """The entropy model training starts from: fresh, or warm-started from trained weights (a
+    checkerboard model from a hyperprior of the same widths: its context correction starts at 0)."""
+    from .entropy import ENTROPY_MODELS
+
+    if config.entropy_model not in ("hyperprior", "checkerboard"):
+        raise ValueError(f"cannot train entropy model '{config.entropy_model}' (choose hyperprior or checkerboard)")
+    ent = ENTROPY_MODELS[config.entropy_model](channels, config.hidden, config.z_channels)
+    if config.init_weights:
+        from safetensors.torch import load_file
+
+        from .registry import codec_weights_path
+
+        path = Path(codec_weights_path(config.init_weights)) / "entropy.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-weights '{config.init_weights}': no {path.name} there (a folder from "
+                                    "`fcodec train` or the name of shipped weights)")
+        try:
+            ent.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:  # shapes differ: other widths
+            raise ValueError(f"--init-weights '{config.init_weights}' has other widths than --hp-hidden/--hp-z-channels: {e}") from None
+    return ent
 
 
 def one_step_x0(backbone, z_tilde: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

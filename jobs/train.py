@@ -32,6 +32,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-denoise", action="store_true", help="measure distortion on ẑ instead of the one-step x̂₀")
     g.add_argument("--default-t", type=int, default=None, metavar="N",
                    help="the t the exported weights encode at when none is given (default: the codec's, 100)")
+    g.add_argument("--entropy-model", choices=["hyperprior", "checkerboard"], default="hyperprior",
+                   help="hyperprior, or checkerboard: the hyperprior plus a two-pass spatial context (default: %(default)s)")
+    g.add_argument("--init-weights", default=None, metavar="DIR",
+                   help="start the entropy model from these codec weights (a folder or shipped name, same widths)")
+    g.add_argument("--hp-hidden", type=int, default=64, metavar="N", help="hyperprior width (default: %(default)s)")
+    g.add_argument("--hp-z-channels", type=int, default=8, metavar="N", help="hyperprior side-latent channels (default: %(default)s)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 10%% over --train-steps (default: %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--train-steps", type=int, default=1000, help="optimizer steps per worker (default: %(default)s)")
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"latent cache: {n} images -> {args.latent_cache}")
     cfg = CodecTrainConfig(distortion=args.distortion, lam_min=args.lam_min, lam_max=args.lam_max,
                       train_estimator=not args.no_estimator, denoise=not args.no_denoise, lr=args.lr,
-                      decay_steps=args.train_steps)
+                      decay_steps=args.train_steps, hidden=args.hp_hidden, z_channels=args.hp_z_channels,
+                      entropy_model=args.entropy_model, init_weights=args.init_weights)
     if args.t_range:
         cfg.t_range = tuple(args.t_range)
     job = TrainJob(data=args.data, out=args.out, backbone=backbone, vae=args.vae, latent_cache=args.latent_cache,

@@ -212,3 +212,38 @@ def test_checkpoints_and_export_on_s3(ray_local, sample_dir, s3_server, s3_bucke
     fs.get(f"{bucket}/weights/", str(tmp_path / "w"), recursive=True)
     loaded = load_codec("tiny", codec_weights=str(tmp_path / "w"))
     assert loaded.fingerprint() == res.codec.fingerprint()
+
+
+def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, tiny_latents, tmp_path):
+    """`--entropy-model checkerboard --init-weights DIR`: starts at exactly the hyperprior's rate (its
+    context correction is zero), trains, exports, and its 3-string records decode after a reload."""
+    from codec import load_codec
+    from codec.training import export_codec, initial_entropy
+    from jobs.samples import sample_image
+
+    torch.manual_seed(0)
+    cfg = CodecTrainConfig(train_estimator=False, denoise=False, t_range=(40, 40), lr=3e-3, z_warmup=1)
+    hp = RateDistortion(tiny_codec.backbone, cfg)
+    opt = make_optimizer(hp, cfg)
+    for s in range(5):
+        train_step(hp, opt, tiny_latents, step=s)
+    export_codec(tiny_codec.backbone, hp, quantile_steps=50, default_t=40).save_pretrained(tmp_path / "hp")
+
+    cb_cfg = CodecTrainConfig(**{**cfg.to_dict(), "entropy_model": "checkerboard", "init_weights": str(tmp_path / "hp")})
+    cb = RateDistortion(tiny_codec.backbone, cb_cfg)
+    y = torch.round(tiny_latents / 0.5)
+    with torch.no_grad():  # eval: the side latent rounded, not noised
+        assert torch.allclose(cb.entropy.eval().likelihood_bits(y), hp.entropy.eval().likelihood_bits(y))
+    opt = make_optimizer(cb, cb_cfg)
+    for s in range(5):
+        train_step(cb, opt, tiny_latents, step=s)
+    codec = export_codec(tiny_codec.backbone, cb, quantile_steps=50, default_t=40)
+    codec.save_pretrained(tmp_path / "cb")
+    assert json.loads((tmp_path / "cb" / "codec_config.json").read_text())["entropy"] == "checkerboard"
+    img = sample_image(3, 64, 64)
+    rec = codec.encode([img])[0]
+    again = load_codec("tiny", codec_weights=str(tmp_path / "cb"))
+    assert again.fingerprint() == codec.fingerprint() and again.encode([img])[0].data == rec.data
+    assert np.array_equal(again.decode([rec.data], steps=0)[0], codec.decode([rec.data], steps=0)[0])
+    with pytest.raises(ValueError, match="widths"):
+        initial_entropy(CodecTrainConfig(entropy_model="checkerboard", hidden=16, init_weights=str(tmp_path / "hp")), 4)
