@@ -58,6 +58,10 @@ class BackboneTrainConfig:
     vae_crop: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6  # per latent element, relative to the per-pixel MSE: near-deterministic
+    # Weight of the squared error of each crop's mean colour (per channel), beside the per-pixel
+    # MSE: a small VAE's cheapest error is a shift of rare saturated colours towards grey, which
+    # per-pixel MSE barely prices (nano-v1 lost greens). 0 reproduces nano-v1.
+    colour_weight: float = 0.0
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_crop: int = 16  # latent pixels (128 image pixels)

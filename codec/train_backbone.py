@@ -67,7 +67,10 @@ def train_vae(images: list[np.ndarray], cfg: BackboneTrainConfig, log: Callable[
         y = vae.decode(post.sample()).sample
         mse = F.mse_loss(y, x)
         kl = post.kl().mean() / post.mean[0].numel()
-        _train_step(opt, mse + cfg.kl_weight * kl, vae, _lr(step, cfg.vae_steps, cfg.vae_lr))
+        loss = mse + cfg.kl_weight * kl
+        if cfg.colour_weight:
+            loss = loss + cfg.colour_weight * F.mse_loss(y.mean(dim=(2, 3)), x.mean(dim=(2, 3)))
+        _train_step(opt, loss, vae, _lr(step, cfg.vae_steps, cfg.vae_lr))
         m = float(mse.detach())
         run_mse = m if run_mse is None else 0.98 * run_mse + 0.02 * m
         if _due(step, cfg.log_every, n_steps):

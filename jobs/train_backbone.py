@@ -1,6 +1,6 @@
 """`fcodec train-backbone`: train the nano backbone (VAE, then UNet) on a folder of photos, on a CPU.
 
-    fcodec train-backbone --data ../shared/data/kodak --out nano-out          # both stages
+    fcodec train-backbone --data ../shared/data/photos --max-side 1024 --out nano-out          # both stages
     fcodec train-backbone --data ... --out nano-out --stage vae                # VAE only
     fcodec train-backbone --data ... --out nano-out --stage unet               # reuse its VAE
     fcodec train-backbone ... --eval ../shared/data/usc_sipi                   # + held-out numbers
@@ -24,7 +24,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train-backbone", help="train the small 'nano' VAE + UNet backbone on a CPU",
                        description="Train the nano backbone: the VAE on random crops of --data, then the UNet "
                                    "on its latents for t in [1, --t-max], with a fixed seed.")
-    p.add_argument("--data", default="../shared/data/kodak", help="folder of training photos (default: %(default)s)")
+    p.add_argument("--data", default="../shared/data/photos",
+                   help="folder of training photos; never Kodak or USC-SIPI, the held-out sets (default: %(default)s)")
     p.add_argument("--out", default="nano-out", help="output snapshot folder (default: %(default)s)")
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="a TAESD folder: keep it frozen as the VAE and train only the UNet on its latents "
@@ -42,6 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--unet-crop", type=int, default=d.unet_crop, help="training crop in latent pixels (x8 image pixels)")
     p.add_argument("--vae-stop-at", type=int, default=None, metavar="N", help="stop the VAE after N steps of its --vae-steps schedule")
     p.add_argument("--unet-stop-at", type=int, default=None, metavar="N", help="stop the UNet after N steps of its --unet-steps schedule")
+    p.add_argument("--colour-weight", type=float, default=d.colour_weight,
+                   help="weight of each crop's mean-colour error beside the per-pixel MSE in VAE training (default: %(default)s)")
     p.add_argument("--t-max", type=int, default=d.t_max, help="largest diffusion step trained (default: %(default)s)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=d.prediction_type)
     p.add_argument("--small", action="store_true", help="tiny model sizes (smoke tests)")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                       unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_crop=args.unet_crop,
                       t_max=args.t_max, prediction_type=args.prediction_type, small=args.small,
                       log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at,
-                      max_side=args.max_side)
+                      max_side=args.max_side, colour_weight=args.colour_weight)
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.vae:
         if args.stage == "vae":
