@@ -101,5 +101,10 @@ def test_inspect_loads_no_torch_and_no_ray():
             "format_dataset(infos[0]); format_report(infos[1]); "
             "print([i['kind'] for i in infos], 'torch' in sys.modules, 'ray' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
+    # Under load, pyarrow's Parquet threads can still be alive at interpreter teardown and abort
+    # the process after all work is done (SIGABRT, "terminate called without an active
+    # exception": apache/arrow#34314, seen once here in a full run). That exit race is upstream's
+    # and is not what this test is about; any other failure is.
+    race = p.returncode == -6 and "terminate called without an active exception" in p.stderr
+    assert p.returncode == 0 or race, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "['dataset', 'record'] False False"
