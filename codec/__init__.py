@@ -86,7 +86,9 @@ def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "s
     """Build a ready codec (entropy tables updated) from CLI-style options."""
     from .model import CodecConfig, DiffusionCodec
 
-    if entropy in ("hyperprior", "checkerboard") and not codec_weights:
+    from .entropy import LEARNED_ENTROPY
+
+    if entropy in LEARNED_ENTROPY and not codec_weights:
         # An untrained hyperprior is a random initialisation: its fingerprint would differ in every
         # process, so records would encode fine and never decode anywhere else.
         from .model import CodecError

@@ -312,14 +312,14 @@ class HyperpriorEntropyModel(nn.Module):
     def _params(self, z_hat: torch.Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Integer means m and table indexes (scale level, mean fraction) for ŷ from ẑ: float64
         CPU, single deterministic path."""
+        return _tables(self._side64(z_hat, shape), shape[0])
+
+    def _side64(self, z_hat: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """h_s(ẑ) in float64 on the CPU, cropped to ŷ's size: (1, 2C, h, w) = (μ, log σ)."""
         if self._h_s64 is None:
             raise RuntimeError("entropy model not ready: call update() before compress/decompress")
         with torch.inference_mode():
-            out = self._h_s64(z_hat.double().cpu())[0]
-        c, h, w = shape
-        means, scales = out[:c, :h, :w].numpy(), out[c:, :h, :w].numpy()
-        m, k = split_means(means)
-        return m, scale_to_index(np.exp(scales)) * MEAN_LEVELS + k
+            return self._h_s64(z_hat.double().cpu())[..., : shape[1], : shape[2]]
 
     def compress(self, y_hat: np.ndarray) -> Payload:
         """Integer ŷ (C,h,w), h and w multiples of 4 -> Payload([y string, z string])."""
@@ -381,9 +381,10 @@ class HyperpriorEntropyModel(nn.Module):
         params, z_bits = self._side(y)
         return self._bits(y, params) + z_weight * z_bits
 
-    def _side(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training twin of the side path: h_s's (μ, log σ) for y, and the side latent's bits per image."""
-        z_tilde, z_lik = self.entropy_bottleneck(self.h_a(y))
+    def _side(self, y: torch.Tensor, training: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training twin of the side path: h_s's (μ, log σ) for y, and the side latent's bits per
+        image (z noised in train mode, rounded in eval mode or with training=False)."""
+        z_tilde, z_lik = self.entropy_bottleneck(self.h_a(y), training=training)
         z_bits = -torch.log2(z_lik.clamp_min(LIKELIHOOD_BOUND))
         return self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]], z_bits.sum(dim=(1, 2, 3))
 
@@ -415,7 +416,7 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
     codec's rates the latent is smooth next to its neighbours, which a 4×4-patch side latent
     cannot say. Both passes are parallel (no per-symbol loop); the context network runs in
     float64 on the CPU like h_s, so encoder and decoder derive the same integers. The correction
-    starts at zero: training warm-starts from a trained hyperprior (`load_hyperprior`).
+    starts at zero: training warm-starts from a trained hyperprior (`codec.training.initial_entropy`).
     """
 
     model_id = 2
@@ -430,10 +431,6 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
         nn.init.zeros_(self.refine[-1].bias)
         self._ctx64: tuple[nn.Module, nn.Module] | None = None
 
-    def load_hyperprior(self, hyperprior: HyperpriorEntropyModel) -> None:
-        """Start from a trained hyperprior's transforms and bottleneck (same widths)."""
-        self.load_state_dict({k: v for k, v in hyperprior.state_dict().items() if v.is_floating_point()}, strict=False)
-
     def update(self) -> None:
         import copy
 
@@ -444,19 +441,12 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
         """(μ, log σ) of the non-anchors: hyperprior params + correction from the anchors."""
         return params + refine(torch.cat([params, context(anchors)], dim=1))
 
-    def _pass_params(self, z_hat: torch.Tensor, shape: tuple[int, int, int], y_anchors: np.ndarray | None):
-        """Integer means and table indexes for the anchors (y_anchors None) or the non-anchors
-        (given ŷ with the non-anchors zeroed): float64 CPU, single deterministic path."""
-        if self._h_s64 is None or self._ctx64 is None:
+    def _context64(self, params: torch.Tensor, y_anchors: np.ndarray) -> torch.Tensor:
+        """The non-anchors' (μ, log σ) from h_s's float64 output and ŷ with the non-anchors zeroed."""
+        if self._ctx64 is None:
             raise RuntimeError("entropy model not ready: call update() before compress/decompress")
-        c, h, w = shape
         with torch.inference_mode():
-            out = self._h_s64(z_hat.double().cpu())[..., :h, :w]
-            if y_anchors is not None:
-                out = self._refined(out, torch.from_numpy(y_anchors).double()[None], *self._ctx64)
-        out = out[0].numpy()
-        m, k = split_means(out[:c])
-        return m, scale_to_index(np.exp(out[c:])) * MEAN_LEVELS + k
+            return self._refined(params, torch.from_numpy(y_anchors).double()[None], *self._ctx64)
 
     def compress(self, y_hat: np.ndarray) -> Payload:
         """Integer ŷ (C,h,w) -> Payload([anchor string, non-anchor string, z string])."""
@@ -464,9 +454,10 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
         z_string, z_hat = self._code_z(y_hat)
         a = np.broadcast_to(anchor_mask(h, w), y_hat.shape)
         y = y_hat.astype(np.int32)
-        m, idx = self._pass_params(z_hat, y_hat.shape, None)
+        params = self._side64(z_hat, y_hat.shape)
+        m, idx = _tables(params, c)
         first = self.coder.encode(y[a] - m[a], idx[a])
-        m, idx = self._pass_params(z_hat, y_hat.shape, np.where(a, y, 0))
+        m, idx = _tables(self._context64(params, np.where(a, y, 0)), c)
         second = self.coder.encode(y[~a] - m[~a], idx[~a])
         return Payload([first, second, z_string])
 
@@ -477,23 +468,30 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
         z_hat = self._decode_z(payload.strings[2], ((h + 3) // 4, (w + 3) // 4), deadline)
         a = np.broadcast_to(anchor_mask(h, w), shape)
         y = np.zeros(shape, dtype=np.int32)
-        m, idx = self._pass_params(z_hat, shape, None)
+        params = self._side64(z_hat, shape)
+        m, idx = _tables(params, c)
         y[a] = self.coder.decode(payload.strings[0], idx[a], deadline) + m[a]
-        m, idx = self._pass_params(z_hat, shape, y)  # y holds the anchors only, as the encoder's
+        m, idx = _tables(self._context64(params, y), c)  # y holds the anchors only, as the encoder's
         y[~a] = self.coder.decode(payload.strings[1], idx[~a], deadline) + m[~a]
         return y
 
     def estimate_bits(self, y_hat: np.ndarray) -> float:
+        y = torch.from_numpy(y_hat).float()[None].to(self._device())
         with torch.inference_mode():
-            return float(self.likelihood_bits(torch.from_numpy(y_hat).float()[None].to(self._device()))[0])
+            params, z_bits = self._side(y, training=False)  # the side latent rounded, as coded
+            return float((self._checkerboard_bits(y, params) + z_bits)[0])
 
     def likelihood_bits(self, y: torch.Tensor, z_weight: float = 1.0) -> torch.Tensor:
         """Differentiable bits per image of a rounded batch: both passes in one (He et al.'s
         training), anchors under the hyperprior's parameters, the rest under the refined ones."""
         params, z_bits = self._side(y)
+        return self._checkerboard_bits(y, params) + z_weight * z_bits
+
+    def _checkerboard_bits(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Bits of ŷ: anchors under h_s's parameters, the rest under the context-refined ones."""
         a = torch.from_numpy(anchor_mask(*y.shape[-2:])).to(y.device, y.dtype)
         refined = self._refined(params, y * a, self.context, self.refine)
-        return self._bits(y, a * params + (1 - a) * refined) + z_weight * z_bits
+        return self._bits(y, a * params + (1 - a) * refined)
 
 
 class _PatchFeatures(nn.Module):
@@ -512,6 +510,8 @@ class _PatchFeatures(nn.Module):
 ENTROPY_MODELS = {"static": StaticEntropyModel, "hyperprior": HyperpriorEntropyModel,
                   "checkerboard": CheckerboardEntropyModel}
 ENTROPY_IDS = {cls.model_id: name for name, cls in ENTROPY_MODELS.items()}
+# The learned models (a side latent, h_s in float64): they need trained weights to code anything.
+LEARNED_ENTROPY = tuple(name for name, cls in ENTROPY_MODELS.items() if issubclass(cls, HyperpriorEntropyModel))
 
 
 @functools.lru_cache(maxsize=1)
@@ -532,6 +532,14 @@ def _mean_scale_tables() -> tuple[list, list, list]:
             lengths.append(len(pmf) + 2)
             offsets.append(-n)
     return cdfs, lengths, offsets
+
+
+def _tables(params: torch.Tensor, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1, 2C, h, w) float64 (μ, log σ) -> integer means m and table indexes (scale level ·
+    MEAN_LEVELS + mean fraction): the float→int step the encoder and decoder share."""
+    out = params[0].numpy()
+    m, k = split_means(out[:c])
+    return m, scale_to_index(np.exp(out[c:])) * MEAN_LEVELS + k
 
 
 def _quantize_means(means: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .bitstream import Encoded  # noqa: F401 - re-exported: codec.Encoded
 from . import limits
 from .backbone import Backbone
 from .denoise import denoise
-from .entropy import ENTROPY_IDS, ENTROPY_MODELS, Payload
+from .entropy import ENTROPY_IDS, ENTROPY_MODELS, LEARNED_ENTROPY, Payload
 from .estimator import ParameterEstimator
 from .images import DEFAULT_MAX_PIXELS, LoadedImage
 from .metrics import psnr  # noqa: F401  (one PSNR: codec.psnr is codec.metrics.psnr)
@@ -296,7 +296,7 @@ class DiffusionCodec:
             raise limits.DecodeBudgetError(
                 f"bitstream declares a {rec.latent_h}x{rec.latent_w} latent ({tokens} positions), over the decode cap of "
                 f"{self.config.max_latent_tokens} (CodecConfig.max_latent_tokens; attention cost is quadratic in it)")
-        if rec.entropy_id in (1, 2) and tokens > limits.MAX_HS_POSITIONS:
+        if ENTROPY_IDS[rec.entropy_id] in LEARNED_ENTROPY and tokens > limits.MAX_HS_POSITIONS:
             raise limits.DecodeBudgetError(f"hyperprior record with {tokens} latent positions, over the h_s cap of "
                                            f"{limits.MAX_HS_POSITIONS} (codec.limits.MAX_HS_POSITIONS)")
         return rec
@@ -405,7 +405,7 @@ class DiffusionCodec:
                 f"not {backbone.fingerprint().hex()} ({backbone.name}): use the same --backbone/--vae as in training"
             )
         name = cfg["entropy"]
-        learned = name in ("hyperprior", "checkerboard")
+        learned = name in LEARNED_ENTROPY
         kwargs = {"hidden": cfg["hidden"]} if learned and cfg.get("hidden") else {}
         if learned and cfg.get("z_channels"):
             kwargs["z_channels"] = cfg["z_channels"]

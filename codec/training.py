@@ -149,10 +149,10 @@ class RateDistortion(nn.Module):
 def initial_entropy(config: CodecTrainConfig, channels: int) -> nn.Module:
     """The entropy model training starts from: fresh, or warm-started from trained weights (a
     checkerboard model from a hyperprior of the same widths: its context correction starts at 0)."""
-    from .entropy import ENTROPY_MODELS
+    from .entropy import ENTROPY_MODELS, LEARNED_ENTROPY
 
-    if config.entropy_model not in ("hyperprior", "checkerboard"):
-        raise ValueError(f"cannot train entropy model '{config.entropy_model}' (choose hyperprior or checkerboard)")
+    if config.entropy_model not in LEARNED_ENTROPY:
+        raise ValueError(f"cannot train entropy model '{config.entropy_model}' (choose {' or '.join(LEARNED_ENTROPY)})")
     ent = ENTROPY_MODELS[config.entropy_model](channels, config.hidden, config.z_channels)
     if config.init_weights:
         from safetensors.torch import load_file
