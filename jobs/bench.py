@@ -26,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shared", default=None, help="folder with models/taesd (default: ../shared beside the repo)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the pipeline comparison; the median is reported (default: %(default)s)")
     p.add_argument("--sections", default="stages,fastpath,pipeline,scaling,memory,gpu",  # = pipeline.bench.SECTIONS
-                   help="comma list of sections to run (default: %(default)s)")
+                   help="comma list of sections to run, or none (default: %(default)s)")
     p.add_argument("--docs", default=None, metavar="FILE", help="also rewrite this Markdown file (e.g. docs/performance.md)")
     # simulated cluster (pipeline/simcluster.py): the real compress job on K fake-GPU nodes, stand-in codec
     p.add_argument("--sim-cluster", type=int, default=0, metavar="K",
@@ -41,13 +41,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.samples import sample_image, write_samples
-    from pipeline.bench import BenchConfig, run_bench
+    from pipeline.bench import BenchConfig, parse_sections, run_bench
     from pipeline.bench_report import write_report
 
     shared = Path(args.shared) if args.shared else Path(__file__).resolve().parents[2] / "shared"
     cfg = BenchConfig(backbone=args.backbone, images=args.images, size=args.size, t=args.t, steps=args.steps,
                       batch=args.batch, repeats=args.repeats, shared=str(shared),
-                      sections=tuple(s.strip() for s in args.sections.split(",") if s.strip()))
+                      sections=parse_sections(args.sections))  # checked before the simulated cluster runs
     out = Path(args.out)
     sim = None
     if args.sim_cluster:  # runs in subprocesses with their own Ray: before this process starts one

@@ -31,6 +31,15 @@ from .run import JobConfig, compress, steady_rate
 SECTIONS = ("stages", "fastpath", "pipeline", "scaling", "memory", "gpu")
 
 
+def parse_sections(text: str) -> tuple[str, ...]:
+    """`--sections`: a comma list of SECTIONS, or `none` (e.g. only the simulated cluster)."""
+    names = tuple(s.strip() for s in text.split(",") if s.strip() and s.strip() != "none")
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown bench sections {unknown} (choose from {', '.join(SECTIONS)}, or none)")
+    return names
+
+
 def processes(pattern: str) -> list[dict]:
     """`psutil` info (pid, cmdline, memory_info) of this machine's processes whose command line
     contains `pattern` (Ray names actor processes after their class)."""
@@ -216,10 +225,7 @@ def run_bench(cfg: BenchConfig, make_image: Callable[[int, int, int], object],
     from codec import load_codec
     from codec.profiling import precision_speed, speed_options, stage_breakdown
 
-    unknown = set(cfg.sections) - set(SECTIONS)
-    if unknown:
-        raise ValueError(f"unknown bench sections {sorted(unknown)} (choose from {', '.join(SECTIONS)})")
-    sections = set(cfg.sections)
+    sections = set(parse_sections(",".join(cfg.sections)))
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                  "params": asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

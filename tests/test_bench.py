@@ -93,3 +93,12 @@ def test_gpu_section_builds_the_sd21_architecture():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(bb.unet) == 865_910_724 and n(bb.vae) == 83_653_863
     assert bb.prediction_type == "v_prediction" and bb.latent_channels == 4 and bb.pad_multiple == 64  # 8x VAE, 8x UNet
+
+
+def test_sections_none_and_unknown_names():
+    from pipeline.bench import SECTIONS, parse_sections
+
+    assert parse_sections("none") == () and parse_sections("stages, gpu") == ("stages", "gpu")
+    assert parse_sections(",".join(SECTIONS)) == SECTIONS
+    with pytest.raises(ValueError, match=r"unknown bench sections \['stage'\].*or none"):
+        parse_sections("stage,gpu")
