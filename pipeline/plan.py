@@ -13,7 +13,11 @@ source is handled per `mode`:
 
 A work item is a JSON-able dict a shard worker runs (workers.py); items the driver can settle
 alone (a shard whose rows all vanished, new change tokens for identical files) come back as
-ready commit records instead.
+ready commit records instead. A shard of new files does not carry its keys: it names row group
+`row_group` of `Plan.new_files` (an Arrow table, one row group per shard once written), so the
+plan of a run of millions of new keys is a few hundred bytes a shard, not a Python list a key;
+the job writes that table beside its books and each worker reads its own row group
+(`slice_rows`).
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ class Plan:
     work: list[dict] = field(default_factory=list)
     records: list[L.CommitRecord] = field(default_factory=list)  # settled by the driver alone
     found: dict = field(default_factory=dict)  # new / vanished / changed / unchanged / retried counts
+    # new image files (LISTING_SCHEMA, key order); shard i of them is rows [i * shard_size, ...)
+    new_files: pa.Table | None = None
+    shard_size: int = 256
 
     @property
     def n_images(self) -> int | None:
@@ -46,8 +53,23 @@ class Plan:
         for w in self.work:
             if w["kind"] != "files":
                 return None
-            n += len(w.get("encode") or [])
+            n += len(w.get("encode") or []) + int(w.get("new_rows") or 0)
         return n
+
+    def rows_of(self, item: dict) -> list[list]:
+        """The [key, url, size, token] rows a work item encodes (its new-file slice included)."""
+        rows = list(item.get("encode") or [])
+        if item.get("new_rows"):
+            rows += slice_rows(self.new_files.slice(item["row_group"] * self.shard_size, item["new_rows"]))
+        return rows
+
+
+NEW_FILE_COLUMNS = ("key", "url", "size", "token")
+
+
+def slice_rows(table: pa.Table) -> list[list]:
+    """A new-files slice (LISTING_SCHEMA columns) as the [key, url, size, token] rows of `encode`."""
+    return [list(r) for r in zip(*(table.column(c).to_pylist() for c in NEW_FILE_COLUMNS))]
 
 
 def file_sha256(url: str, opts) -> str | None:
@@ -89,8 +111,8 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
 
     The diff of the listing against the key index runs on Arrow columns (one hash lookup of
     the listed keys in the index, vectorised comparisons), so its memory is a few bytes per
-    key beyond the two tables; Python objects are made only for keys that need work (new,
-    changed, vanished, failed)."""
+    key beyond the two tables; Python objects are made only for keys that need work on
+    existing shards (changed, vanished, failed); new files stay in `Plan.new_files`."""
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r} (choose {', '.join(MODES)})")
     shard_size = max(1, int(shard_size))
@@ -120,10 +142,12 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
     vanished = gone_rows.column("entry").to_pylist()
     idx.update(_rows(gone_rows, cols))
     new_t = lst.filter(pc.invert(known))
-    listed = _rows(pa.concat_tables([new_t, lst.filter(want)]), ("key", "url", "kind", "size", "token"))
-    new = new_t.column("key").to_pylist()
+    listed = _rows(lst.filter(want), ("key", "url", "kind", "size", "token"))  # only keys with work on old shards
+    is_file = pc.equal(new_t.column("kind"), "files")
+    new_files = new_t.filter(is_file).select(list(NEW_FILE_COLUMNS))
+    new_containers = _rows(new_t.filter(pc.invert(is_file)), ("key", "url", "kind", "size", "token"))
     suspect = lst.filter(differs).column("key").to_pylist()
-    plan = Plan()
+    plan = Plan(new_files=new_files, shard_size=shard_size)
     changed, same = [], []
     if mode == "sync":
         todo = [k for k in suspect if listed[k][1] == "files" and idx[k][3]]
@@ -132,8 +156,9 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
         for k in suspect:
             (same if k in hashes and hashes[k] == idx[k][3] else changed).append(k)
     failed = lst.filter(was_failed).column("key").to_pylist() if retry_failed else []
-    plan.found = {"listed": n_listed, "new": len(new), "vanished": len(vanished),
-                  "changed": len(suspect) - len(same), "unchanged": n_listed - len(new) - len(suspect) + len(same),
+    n_new = new_t.num_rows
+    plan.found = {"listed": n_listed, "new": n_new, "vanished": len(vanished),
+                  "changed": len(suspect) - len(same), "unchanged": n_listed - n_new - len(suspect) + len(same),
                   "retried": 0, "dropped": 0, "mode": mode}
 
     seq = iter(range(1 << 30))
@@ -191,15 +216,11 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
                                   "container": [entry, *listed[entry][:1], listed[entry][2], listed[entry][3]],
                                   "carry": {"file": old.file, "drop_keys": bad}})
 
-    files = [k for k in new if listed[k][1] == "files"]
-    for i in range(0, len(files), shard_size):
-        chunk = files[i: i + shard_size]
-        plan.work.append({"shard": next_id(), "kind": "files",
-                          "encode": [[k, listed[k][0], listed[k][2], listed[k][3]] for k in chunk]})
-    for k in new:
-        if listed[k][1] != "files":
-            plan.work.append({"shard": next_id(), "kind": listed[k][1],
-                              "container": [k, listed[k][0], listed[k][2], listed[k][3]]})
+    for g, i in enumerate(range(0, new_files.num_rows, shard_size)):
+        plan.work.append({"shard": next_id(), "kind": "files", "row_group": g,
+                          "new_rows": min(shard_size, new_files.num_rows - i)})
+    for k, (url, kind, size, token) in new_containers.items():
+        plan.work.append({"shard": next_id(), "kind": kind, "container": [k, url, size, token]})
     plan.found["planned_shards"] = len(plan.work)
     if max_shards is not None:
         plan.work = plan.work[: max(0, max_shards)]

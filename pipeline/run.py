@@ -27,8 +27,6 @@ from typing import Callable, Iterator
 
 import pyarrow.compute as pc
 
-import pyarrow.compute as pc
-
 from codec.spec import CodecSpec, backbone_origin
 
 from . import layout as L
@@ -38,7 +36,7 @@ from .lease import acquire
 from .plan import file_sha256, plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
 from .sources import list_entries_table
-from .storage import StorageOptions, full_url, get_fs, join
+from .storage import StorageOptions, full_url, get_fs, join, write_parquet_atomic
 from .workers import Progress, ShardDecoder, ShardEncoder
 
 log = logging.getLogger("fcodec")
@@ -318,6 +316,7 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
             raise ValueError(f"{cfg.dst} holds a {cat.manifest.kind}, not a bitstream dataset")
         plan = plan_compress(listing, cat, cfg.shard_size, run_id, cfg.mode, cfg.retry_failed, cfg.max_shards,
                              hasher=lambda url: file_sha256(url, opts))
+        del listing  # the plan holds what the run needs; the listing's memory goes back before the workers start
         f = plan.found
         echo(f"{f['listed']} inputs ({ignored} other files ignored): {f['new']} new, {f['changed']} changed, "
              f"{f['vanished']} vanished, {f['unchanged']} unchanged (mode {cfg.mode}); "
@@ -326,8 +325,10 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
         for rec in plan.records:  # settled without a worker (rows dropped, new change tokens)
             _commit(books, cat, rec, stats)
         for w in plan.work:  # a rewritten shard keeps the references of the rows it carries
-            w["carry_depends_on"] = sorted({d for s in w.get("supersedes") or [] if s in cat.shards
-                                            for d in cat.shards[s].depends_on})
+            if w.get("supersedes"):
+                w["carry_depends_on"] = sorted({d for s in w["supersedes"] if s in cat.shards
+                                                for d in cat.shards[s].depends_on})
+        _write_new_files(books, plan, run_id)
         bar = ProgressBar(plan.n_images, "compress", progress, echo)
         kwargs = {"spec": spec.to_dict(), "dst": cfg.dst, "opts": opts, "image_column": cfg.image_column,
                   "run_id": run_id, "io_threads": cfg.io_threads, "keep_columns": cfg.keep_columns,
@@ -355,6 +356,20 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
     print_summary("compressed", run, tot, stats.failures, cfg.dst, echo)
     run["total_seconds"] = time.perf_counter() - t0
     return {"run": run, "totals": tot, "manifest": manifest.to_dict()}
+
+
+def _write_new_files(books: Books, plan, run_id: str) -> None:
+    """Write the plan's new files beside the books (one row group per shard; the temp folder,
+    removed at the end of the run and by the next run) and name the file in the items that read
+    it, so work items stay a few hundred bytes however many keys a shard has."""
+    if not any(w.get("new_rows") for w in plan.work):
+        return
+    rel = f"{L.TMP}/new-files-{run_id}.parquet"
+    write_parquet_atomic(books.fs, books.root, rel, plan.new_files, row_group_size=plan.shard_size)
+    for w in plan.work:
+        if w.get("new_rows"):
+            w["listing"] = rel
+    plan.new_files = None  # the workers read it from there; the driver keeps only the counts
 
 
 class _Gate:

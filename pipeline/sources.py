@@ -122,7 +122,7 @@ def _listed(fs, path: str) -> tuple[str, Iterator[tuple[str, dict]]]:
     raise FileNotFoundError(f"no input at '{path}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
 
 
-def list_entries_table(src: str, opts: StorageOptions | None = None, page: int = 65536) -> tuple[pa.Table, int]:
+def list_entries_table(src: str, opts: StorageOptions | None = None, page: int = 8192) -> tuple[pa.Table, int]:
     """The listing of `list_entries` as an Arrow table (LISTING_SCHEMA, sorted by key) and the
     count of ignored files. The store is walked directory by directory and the rows are packed
     into Arrow a page at a time, so a listing of millions of keys costs tens of bytes a key, not

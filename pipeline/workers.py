@@ -27,6 +27,7 @@ from .rows import error_class, finish_decoded
 from .dedupe import ENCODE, SELF, call
 from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, REF_KEY_FIELD, SIDECARS_FIELD, STATUS_FAILED, STATUS_OK,
                      STATUS_SKIPPED, carried_name, hf_features_metadata, parquet_write_kwargs)
+from .plan import NEW_FILE_COLUMNS, slice_rows
 from .sources import Shard, read_shard
 from .storage import StorageOptions, get_fs, join, write_atomic
 from .transform import decode_source
@@ -154,6 +155,8 @@ class ShardEncoder:
 
     def run(self, item: dict) -> L.CommitRecord:
         """Encode one work item (see plan.py) and write its part; returns its commit record."""
+        if item.get("new_rows"):
+            item = {**item, "encode": [*(item.get("encode") or []), *self._new_files(item)], "new_rows": 0}
         enc = item.get("encode") or []
         shard = Shard(item["shard"], item["kind"], tuple(e[1] for e in enc), tuple(e[0] for e in enc))
         if item["kind"] != "files":
@@ -234,6 +237,16 @@ class ShardEncoder:
         if extra is not None:
             schema = pa.schema(list(schema) + [f.with_name(carried_name(f.name)) for f in extra])
         return pa.Table.from_pylist(out, schema=schema)
+
+    def _new_files(self, item: dict) -> list[list]:
+        """The new files a work item names: its row group of the run's new-files table, which the
+        job wrote beside the books (`item["listing"]`, relative to DST)."""
+        with self.fs.open(join(self.root, item["listing"]), "rb") as f:
+            t = pq.ParquetFile(f).read_row_group(item["row_group"], columns=list(NEW_FILE_COLUMNS))
+        if t.num_rows != item["new_rows"]:
+            raise ValueError(f"{item['listing']}: row group {item['row_group']} holds {t.num_rows} files, the plan "
+                             f"says {item['new_rows']} (the run's listing was overwritten: run the job again)")
+        return slice_rows(t)
 
     def _carried(self, carry: dict) -> pa.Table:
         """Rows of an old part this shard keeps (all but those it re-encodes or drops)."""

@@ -119,14 +119,16 @@ def measure(folder: str, n: int, mode: str = "extend") -> dict:
     plan_rss_mb = rss_mb("VmHWM")
     recs = []  # what the workers would return for the planned shards
     for w in plan.work:
-        ents = [L.Entry(k, size, tok, "0" * 64, 0) for k, _u, size, tok in w.get("encode") or []]
+        ents = [L.Entry(k, size, tok, "0" * 64, 0) for k, _u, size, tok in plan.rows_of(w)]
         ents += [L.Entry(**e) for e in w.get("carry_entries") or []]
         recs.append(L.CommitRecord(shard=w["shard"], file=L.part_name(w["shard"]), rows=len(ents), ok=len(ents),
                                    entries=ents, supersedes=w.get("supersedes") or [], committed_at="2026-12-02T00:00:00"))
     for r in recs + plan.records:  # one at a time, as the driver commits them
         fold(cat, [r])
     t_all = time.perf_counter() - t0
+    new_items = [len(json.dumps(w)) for w in plan.work if not w.get("supersedes")]
     return {"keys": n, "mode": mode, "listed": lst.num_rows, "found": plan.found, "work": len(plan.work),
+            "max_new_item_bytes": max(new_items, default=0),
             "index_rows_after": cat.entries.num_rows, "shards_after": len(cat.shards),
             "base_rss_mb": base_mb, "arrow_mb": arrow_mb, "after_plan_rss_mb": plan_rss_mb,
             "peak_rss_mb": rss_mb("VmHWM"), "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -150,6 +152,8 @@ def check(res: dict, n: int) -> None:
     assert f["new"] == m and res["listed"] == n - f["vanished"] + m
     assert 0 < f["vanished"] < 2 * m and 0 < f["changed"] < 2 * m  # ~0.1% each
     assert f["unchanged"] == res["listed"] - f["new"] - f["changed"]
+    # a shard of 256 new keys names a row group of the plan's new-files table, not its keys (~25 KB)
+    assert 0 < res["max_new_item_bytes"] < 200
     if res["mode"] == "sync":  # every listed key is in the index once afterwards; vanished ones are gone
         assert res["index_rows_after"] == res["listed"]
     else:  # extend: the new keys added in new shards; changed and vanished ones kept as they were
