@@ -173,10 +173,11 @@ def weights_entropy(name_or_dir: str) -> str:
         return "hyperprior"  # unreadable here (e.g. a URL): loading it reports what is wrong
 
 
-def default_codec_weights(backbone_fp: str) -> ShippedCodec | None:
-    """The shipped weights `--entropy auto` uses with a built-in backbone: the last by name of
-    those trained for its fingerprint, or None (the static model needs none)."""
-    found = [c for c in codec_weights() if c.backbone_fingerprint == backbone_fp]
+def default_codec_weights(backbone_fp: str, entropy: str | None = None) -> ShippedCodec | None:
+    """The shipped weights `--entropy auto` (or `--entropy hyperprior|checkerboard`: only those of
+    that model) uses with a built-in backbone: the last by name of those trained for its
+    fingerprint, or None (the static model needs none)."""
+    found = [c for c in codec_weights() if c.backbone_fingerprint == backbone_fp and entropy in (None, c.entropy)]
     return max(found, key=lambda c: c.name) if found else None
 
 

@@ -41,7 +41,7 @@ class CodecSpec:
                            metavar="DIR")
     entropy: str = _opt("auto", "entropy model: auto (the hyperprior shipped for the backbone when there is one, else "
                         "static) | static (training-free per-channel Gaussian) | hyperprior, checkerboard (hyperprior + spatial "
-                        "context; both need --codec-weights)", DATASET, choices=("auto", "static", "hyperprior", "checkerboard"))
+                        "context; the weights shipped for the backbone, else --codec-weights)", DATASET, choices=("auto", "static", "hyperprior", "checkerboard"))
     codec_weights: str | None = _opt(None, "trained entropy model / estimator: a folder from `fcodec train`, or the name "
                                      "of shipped weights", DATASET, metavar="DIR")
     t: int | None = _opt(None, "diffusion step whose noise the quantization matches (1..999; larger = fewer bits; "
@@ -106,16 +106,19 @@ class CodecSpec:
 
     def resolved_entropy(self) -> tuple[str, str | None]:
         """(entropy, codec_weights) with `auto` resolved: given weights name their own model; else the
-        weights shipped for this built-in backbone (by fingerprint), else the static model (no torch)."""
+        weights shipped for this built-in backbone (by fingerprint), else the static model (no torch).
+        A learned model named without weights (`--entropy hyperprior`) gets the shipped weights of
+        that model for the backbone; where none ship it stays without (loading it says what to pass)."""
         from .registry import default_codec_weights, lookup, weights_entropy
 
-        if self.entropy != "auto":
-            return self.entropy, self.codec_weights
-        if self.codec_weights:
-            return weights_entropy(self.codec_weights), self.codec_weights
+        auto = self.entropy == "auto"
+        if self.entropy == "static" or self.codec_weights:
+            return (weights_entropy(self.codec_weights) if auto else self.entropy), self.codec_weights
         builtin = None if self.vae else lookup(self.resolved_backbone())  # another VAE: another fingerprint
-        shipped = default_codec_weights(builtin.fingerprint) if builtin is not None else None
-        return (shipped.entropy, shipped.name) if shipped is not None else ("static", None)
+        shipped = default_codec_weights(builtin.fingerprint, None if auto else self.entropy) if builtin is not None else None
+        if shipped is not None:
+            return shipped.entropy, shipped.name
+        return ("static" if auto else self.entropy), None
 
     def identity(self, keys: tuple[str, ...] | None = None) -> dict:
         """The options that must match (default: `dataset_keys`), defaults resolved."""

@@ -37,8 +37,9 @@ def files(tmp_path_factory):
     huge = bytearray(good[:-4])
     huge[24:32] = struct.pack("<II", 10**6, 10**6)
     (d / "huge.fdc").write_bytes(bytes(huge) + struct.pack("<I", zlib.crc32(bytes(huge))))
-    rc, _, err = fcodec("encode", str(d / "img.png"), str(d / "hyper.fdc"), "--entropy", "hyperprior")
-    assert rc == 2 and "needs trained codec weights" in err  # never a random initialisation
+    # a learned model with no weights given and none shipped for the backbone: never a random initialisation
+    rc, _, err = fcodec("encode", str(d / "img.png"), str(d / "hyper.fdc"), "--entropy", "hyperprior", "--backbone", "tiny")
+    assert rc == 2 and "needs trained codec weights" in err
     import torch
 
     from codec import CodecConfig, DiffusionCodec, default_backbone, load_backbone

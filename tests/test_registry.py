@@ -155,6 +155,9 @@ def test_entropy_auto_picks_the_weights_shipped_for_the_backbone(tmp_path, sampl
                                             codec_weights="tiny-hyperprior-test").identity()
         assert CodecSpec(backbone="tiny", entropy="static").resolved_entropy() == ("static", None)
         assert CodecSpec(backbone="tiny", vae="/x").resolved_entropy() == ("static", None)  # another VAE
+        # a learned model named without weights: the shipped weights of that model, none of another
+        assert CodecSpec(backbone="tiny", entropy="hyperprior").resolved_entropy() == ("hyperprior", "tiny-hyperprior-test")
+        assert CodecSpec(backbone="tiny", entropy="checkerboard").resolved_entropy() == ("checkerboard", None)
         codec = spec.build()
         assert codec.entropy.name == "hyperprior" and codec.fingerprint() == hp.fingerprint()
         enc = codec.encode(sample_images[:1])[0]
@@ -162,6 +165,12 @@ def test_entropy_auto_picks_the_weights_shipped_for_the_backbone(tmp_path, sampl
     finally:
         registry.unregister_codec_weights("tiny-hyperprior-test")
     assert CodecSpec(backbone="tiny").resolved_entropy() == ("static", None)
+    assert CodecSpec(backbone="tiny", entropy="hyperprior").resolved_entropy() == ("hyperprior", None)
+    # taesd-v1 ships both: auto takes the newest (the checkerboard), a named model its own weights
+    assert CodecSpec(backbone="taesd-v1").resolved_entropy() == ("checkerboard", "taesd-v1-hyperprior-v2")
+    assert CodecSpec(backbone="taesd-v1", entropy="hyperprior").resolved_entropy() == ("hyperprior", "taesd-v1-hyperprior")
+    assert CodecSpec(backbone="taesd-v1", entropy="checkerboard").resolved_entropy() == (
+        "checkerboard", "taesd-v1-hyperprior-v2")
 
 
 def test_record_with_a_vae_finds_its_builtin(taesd_dir):
