@@ -29,7 +29,7 @@ from .schema import (BITSTREAM_SCHEMA, DECODED_SCHEMA, REF_KEY_FIELD, SIDECARS_F
                      STATUS_SKIPPED, carried_name, hf_features_metadata, parquet_write_kwargs)
 from .plan import NEW_FILE_COLUMNS, slice_rows
 from .sources import Shard, read_shard
-from .storage import StorageOptions, get_fs, join, write_atomic
+from .storage import StorageOptions, clear_errors, full_url, get_fs, join, write_atomic
 from .transform import decode_source
 
 BITSTREAM_READ_COLUMNS = ["key", "bitstream", "bitstream_sha256", "width", "height", "status", "error"]
@@ -241,8 +241,13 @@ class ShardEncoder:
     def _new_files(self, item: dict) -> list[list]:
         """The new files a work item names: its row group of the run's new-files table, which the
         job wrote beside the books (`item["listing"]`, relative to DST)."""
-        with self.fs.open(join(self.root, item["listing"]), "rb") as f:
-            t = pq.ParquetFile(f).read_row_group(item["row_group"], columns=list(NEW_FILE_COLUMNS))
+        path = join(self.root, item["listing"])
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read_row_group(item["row_group"], columns=list(NEW_FILE_COLUMNS))
+
+        t = clear_errors(read, f"read {full_url(self.fs, path)}")  # a store gone away: one clear error
         if t.num_rows != item["new_rows"]:
             raise ValueError(f"{item['listing']}: row group {item['row_group']} holds {t.num_rows} files, the plan "
                              f"says {item['new_rows']} (the run's listing was overwritten: run the job again)")
