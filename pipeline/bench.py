@@ -33,7 +33,12 @@ SECTIONS = ("stages", "fastpath", "pipeline", "scaling", "memory", "gpu")
 
 def parse_sections(text: str) -> tuple[str, ...]:
     """`--sections`: a comma list of SECTIONS, or `none` (e.g. only the simulated cluster)."""
-    names = tuple(s.strip() for s in text.split(",") if s.strip() and s.strip() != "none")
+    return checked_sections(text.split(","))
+
+
+def checked_sections(names) -> tuple[str, ...]:
+    """Section names with blanks and `none` left out; an unknown name is an error."""
+    names = tuple(s.strip() for s in names if s.strip() and s.strip() != "none")
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown bench sections {unknown} (choose from {', '.join(SECTIONS)}, or none)")
@@ -225,7 +230,7 @@ def run_bench(cfg: BenchConfig, make_image: Callable[[int, int, int], object],
     from codec import load_codec
     from codec.profiling import precision_speed, speed_options, stage_breakdown
 
-    sections = set(parse_sections(",".join(cfg.sections)))
+    sections = set(checked_sections(cfg.sections))
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                  "params": asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

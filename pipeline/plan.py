@@ -142,10 +142,10 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
     vanished = gone_rows.column("entry").to_pylist()
     idx.update(_rows(gone_rows, cols))
     new_t = lst.filter(pc.invert(known))
-    listed = _rows(lst.filter(want), ("key", "url", "kind", "size", "token"))  # only keys with work on old shards
+    listed = _rows(lst.filter(want), tuple(LISTING_SCHEMA.names))  # only keys with work on old shards
     is_file = pc.equal(new_t.column("kind"), "files")
     new_files = new_t.filter(is_file).select(list(NEW_FILE_COLUMNS))
-    new_containers = _rows(new_t.filter(pc.invert(is_file)), ("key", "url", "kind", "size", "token"))
+    new_containers = _rows(new_t.filter(pc.invert(is_file)), tuple(LISTING_SCHEMA.names))
     suspect = lst.filter(differs).column("key").to_pylist()
     plan = Plan(new_files=new_files, shard_size=shard_size)
     changed, same = [], []
