@@ -10,19 +10,57 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import keyorder
 from . import layout as L
 from .storage import join, read_bytes, write_atomic, write_parquet_atomic
 
 log = logging.getLogger("fcodec")
 
 SHARDS_SCHEMA = pa.schema([("shard", pa.string()), ("record", pa.string())])
+
+
+SPILL_ROWS = 1 << 16  # folded index rows kept in memory before they go to a sorted run on local disk
+
+
+@dataclass
+class IndexPart:
+    """One sorted source of key-index rows: the books' compacted file, a table in memory, or a
+    run of folded rows this process spilled to local disk. `dead`: shards whose rows here were
+    superseded or dropped since (filtered out when streamed)."""
+
+    stream: Callable[[], Iterator[pa.Table]]
+    table: pa.Table | None = None  # set when the part is a table in memory
+    dead: set = field(default_factory=set)
+
+    @classmethod
+    def of_table(cls, table: pa.Table) -> "IndexPart":
+        t = table.cast(L.ENTRIES_SCHEMA).sort_by("entry")
+        return cls(stream=lambda: keyorder.slices(t), table=t)
+
+
+def _live_rows(stream: Iterator[pa.Table], live: pa.Array, dead: set) -> Iterator[pa.Table]:
+    """The rows of a part whose shard is live and not superseded since the part was written."""
+    gone = pa.array(sorted(dead), pa.string())
+    for t in stream:
+        keep = pc.is_in(t.column("shard"), value_set=live)
+        if len(gone):
+            keep = pc.and_(keep, pc.invert(pc.is_in(t.column("shard"), value_set=gone)))
+        if pc.all(keep).as_py() is False:
+            t = t.filter(keep)
+        if t.num_rows:
+            yield t
 
 
 @dataclass
@@ -33,28 +71,58 @@ class Catalog:
     shards: dict[str, L.CommitRecord] = field(default_factory=dict)
     loose: list[str] = field(default_factory=list)  # loose record paths folded in (compaction removes them)
     manifest: L.Manifest | None = None
-    # The key index, with the folds not yet applied to it: shards whose rows to drop, and new
-    # rows per shard. A fold per commit only records them; `entries` applies them all at once
-    # when next read, so committing a shard costs O(its keys), not O(the index).
-    base: pa.Table = field(default_factory=L.ENTRIES_SCHEMA.empty_table, repr=False)
-    drop: set = field(default_factory=set, repr=False)
+    # The key index is never held whole by a run: sorted parts (the compacted file, streamed from
+    # the store; runs of folded rows spilled to local disk) plus the rows folded since, per shard.
+    # `index_stream` merges them in key order a batch at a time; `entries` is the whole index in
+    # memory, for small datasets and tests.
+    parts: list[IndexPart] = field(default_factory=list, repr=False)
     add: dict = field(default_factory=dict, repr=False)
+    add_rows: int = field(default=0, repr=False)
+    spill_dir: str | None = field(default=None, repr=False)
+
+    def index_stream(self) -> Iterator[pa.Table]:
+        """The key index (ENTRIES_SCHEMA, live shards only) in key order, a small table at a time."""
+        live = pa.array(sorted(self.shards), pa.string())
+        streams = [_live_rows(p.stream(), live, p.dead) for p in self.parts]
+        if self.add:
+            streams.append(keyorder.slices(pa.concat_tables(list(self.add.values())).sort_by("entry")))
+        return keyorder.merge(streams, "entry")
 
     @property
     def entries(self) -> pa.Table:
-        """The key index: one row per listing entry of a live shard (ENTRIES_SCHEMA)."""
-        if self.drop or self.add:
-            ents = self.base
-            if self.drop and ents.num_rows:
-                gone = pa.array(sorted(self.drop), pa.string())
-                ents = ents.filter(pc.invert(pc.is_in(ents.column("shard"), value_set=gone)))
-            self.base = pa.concat_tables([ents, *self.add.values()])
-            self.drop, self.add = set(), {}
-        return self.base
+        """The key index as one table in memory (small datasets, tests, repairs)."""
+        if not (len(self.parts) == 1 and self.parts[0].table is not None and not self.parts[0].dead and not self.add):
+            self.entries = pa.concat_tables([L.ENTRIES_SCHEMA.empty_table(), *self.index_stream()])
+        return self.parts[0].table
 
     @entries.setter
     def entries(self, table: pa.Table) -> None:
-        self.base, self.drop, self.add = table, set(), {}
+        self.release_spills()
+        self.parts, self.add, self.add_rows = [IndexPart.of_table(table)], {}, 0
+
+    def rows_of_shards(self, shards) -> pa.Table:
+        """The index rows of some shards (streamed: the whole index is never held)."""
+        want = pa.array(sorted(shards), pa.string())
+        got = [t.filter(pc.is_in(t.column("shard"), value_set=want)) for t in self.index_stream()]
+        return pa.concat_tables([L.ENTRIES_SCHEMA.empty_table(), *got])
+
+    def spill(self) -> None:
+        """Move the folded rows to a sorted run on local disk (memory stays flat over a long run)."""
+        if not self.add:
+            return
+        if self.spill_dir is None:
+            self.spill_dir = tempfile.mkdtemp(prefix="fcodec-index-")
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
+        path = os.path.join(self.spill_dir, f"run-{len(self.parts):05d}.parquet")
+        pq.write_table(pa.concat_tables(list(self.add.values())).sort_by("entry"), path, row_group_size=keyorder.READ_ROWS)
+        self.parts.append(IndexPart(stream=lambda: keyorder.parquet_stream(path, L.ENTRIES_SCHEMA)))
+        self.add, self.add_rows = {}, 0
+
+    def release_spills(self) -> None:
+        """Remove the spilled runs (after compaction wrote them into the books' file)."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir = None
 
     def totals(self) -> dict:
         """Dataset totals over the live shards."""
@@ -141,15 +209,33 @@ class Books:
             for sid, rec in zip(t.column("shard").to_pylist(), t.column("record").to_pylist()):
                 cat.shards[sid] = L.CommitRecord.from_dict(L.loads_json(rec.encode(), sp), f"{sp}: shard {sid}")
         if self.fs.exists(ep):
-            ents = self._read_parquet(ep).cast(L.ENTRIES_SCHEMA)
-            # keys of shards no longer live (a compaction stopped between its two files) are stale
-            live = pc.is_in(ents.column("shard"), value_set=pa.array(sorted(cat.shards), pa.string()))
-            cat.entries = ents if pc.all(live).as_py() in (True, None) else ents.filter(live)
+            # streamed when read, never loaded whole; keys of shards no longer live (a compaction
+            # stopped between its two files) are stale and left out then
+            cat.parts = [self._index_part(ep)]
         loose = [p for p in self._ls(L.COMMITS) if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
         recs = [L.CommitRecord.from_dict(L.loads_json(b, p), p) for p, b in self._cat(loose).items()]
         fold(cat, recs)
         cat.loose = loose
         return cat
+
+    def _index_part(self, p: str) -> IndexPart:
+        """The compacted key index as a part streamed from the store. Compaction writes it sorted
+        by key; a file whose row groups are not in key order (by their statistics) is read whole
+        and sorted instead."""
+        with self.fs.open(p, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        col = meta.schema.names.index("entry") if "entry" in meta.schema.names else None
+        stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)] if col is not None else []
+        bounds = [(s.min, s.max) for s in stats if s is not None and s.has_min_max]
+        if len(bounds) != meta.num_row_groups or any(a[1] > b[0] for a, b in zip(bounds, bounds[1:])):
+            log.warning("%s is not in key order: read whole and sorted", p)
+            return IndexPart.of_table(self._read_parquet(p))
+
+        def stream() -> Iterator[pa.Table]:
+            with self.fs.open(p, "rb") as f:
+                yield from keyorder.parquet_stream(f, L.ENTRIES_SCHEMA)
+
+        return IndexPart(stream=stream)
 
     def _read_parquet(self, p: str) -> pa.Table:
         with self.fs.open(p, "rb") as f:
@@ -202,7 +288,11 @@ class Books:
                            "record": [json.dumps({**r.to_dict(), "entries": []}, sort_keys=True) for r in cat.shards.values()]},
                           schema=SHARDS_SCHEMA)
         write_parquet_atomic(self.fs, self.root, L.CATALOG_SHARDS, shards, tmp_dir=L.TMP)
-        write_parquet_atomic(self.fs, self.root, L.CATALOG_ENTRIES, cat.entries.sort_by("entry"), tmp_dir=L.TMP)
+        # the index is merged from its sorted parts straight into the new file, a batch at a time
+        write_parquet_atomic(self.fs, self.root, L.CATALOG_ENTRIES, cat.index_stream(), tmp_dir=L.TMP,
+                             schema=L.ENTRIES_SCHEMA)
+        cat.release_spills()
+        cat.parts, cat.add, cat.add_rows = [self._index_part(self.path(L.CATALOG_ENTRIES))], {}, 0
         self.remove(cat.loose)
         cat.loose = []
 
@@ -253,17 +343,21 @@ def fold(cat: Catalog, recs: list[L.CommitRecord]) -> None:
     recs = sorted(recs, key=lambda r: (r.committed_at or "", r.shard))
     for r in recs:
         for s in [*r.supersedes, r.shard]:
-            cat.add.pop(s, None)  # rows folded earlier but not yet applied
-            # rows in the applied index (dropped once, on the next read of `entries`); only a shard
-            # live before has any there (Books.read keeps the index to live shards)
+            gone = cat.add.pop(s, None)  # rows folded earlier, still in memory
+            cat.add_rows -= gone.num_rows if gone is not None else 0
+            # rows in the sorted parts: left out when streamed; only a shard live before has any
             if cat.shards.pop(s, None) is not None:
-                cat.drop.add(s)
+                for p in cat.parts:
+                    p.dead.add(s)
         if r.file or r.rows:  # a record without rows only drops the shards it supersedes
             e = r.entries
             cat.shards[r.shard] = replace(r, entries=[])  # its entries live in the key index only
             cat.add[r.shard] = pa.table([[x.entry for x in e], [r.shard] * len(e), [x.size for x in e],
                                          [x.token for x in e], [x.sha256 for x in e], [x.failed for x in e]],
                                         schema=L.ENTRIES_SCHEMA)
+            cat.add_rows += len(e)
+    if cat.add_rows >= SPILL_ROWS:
+        cat.spill()
 
 
 def dataset_codec(m: L.Manifest | None, given, where: str):

@@ -14,22 +14,27 @@ source is handled per `mode`:
 A work item is a JSON-able dict a shard worker runs (workers.py); items the driver can settle
 alone (a shard whose rows all vanished, new change tokens for identical files) come back as
 ready commit records instead. A shard of new files does not carry its keys: it names row group
-`row_group` of `Plan.new_files` (an Arrow table, one row group per shard once written), so the
-plan of a run of millions of new keys is a few hundred bytes a shard, not a Python list a key;
-the job writes that table beside its books and each worker reads its own row group
-(`slice_rows`).
+`row_group` of `Plan.new_files` (a local Parquet file, one row group per shard), so the plan of
+a run of millions of new keys is a few hundred bytes a shard, not a Python list a key; the job
+uploads that file beside its books and each worker reads its own row group (`slice_rows`).
+Listing and key index are walked side by side in key order, so planning holds a few batches of
+each, never either whole.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from . import keyorder
 from . import layout as L
 from .catalog import Catalog
 from .sources import LISTING_SCHEMA
@@ -42,8 +47,9 @@ class Plan:
     work: list[dict] = field(default_factory=list)
     records: list[L.CommitRecord] = field(default_factory=list)  # settled by the driver alone
     found: dict = field(default_factory=dict)  # new / vanished / changed / unchanged / retried counts
-    # new image files (LISTING_SCHEMA, key order); shard i of them is rows [i * shard_size, ...)
-    new_files: pa.Table | None = None
+    # new image files (NEW_FILE_COLUMNS, key order) in a local Parquet file, one row group per
+    # shard: shard i of them is row group i; `close` removes it
+    new_files: str | None = None
     shard_size: int = 256
 
     @property
@@ -57,14 +63,21 @@ class Plan:
         return n
 
     def rows_of(self, item: dict) -> list[list]:
-        """The [key, url, size, token] rows a work item encodes (its new-file slice included)."""
+        """The [key, url, size, token] rows a work item encodes (its new-file row group included)."""
         rows = list(item.get("encode") or [])
         if item.get("new_rows"):
-            rows += slice_rows(self.new_files.slice(item["row_group"] * self.shard_size, item["new_rows"]))
+            rows += slice_rows(pq.ParquetFile(self.new_files).read_row_group(item["row_group"]))
         return rows
+
+    def close(self) -> None:
+        """Remove the local new-files file (once the job has uploaded it)."""
+        if self.new_files:
+            shutil.rmtree(os.path.dirname(self.new_files), ignore_errors=True)
+            self.new_files = None
 
 
 NEW_FILE_COLUMNS = ("key", "url", "size", "token")
+NEW_FILES_SCHEMA = pa.schema([LISTING_SCHEMA.field(c) for c in NEW_FILE_COLUMNS])
 
 
 def slice_rows(table: pa.Table) -> list[list]:
@@ -97,57 +110,100 @@ def listing_table(listing) -> pa.Table:
     return pa.table([pa.array(list(c), f.type) for c, f in zip(cols, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
 
 
+def listing_stream(listing) -> Iterator[pa.Table]:
+    """A listing as a stream of small tables in key order: a table or tuples (sorted here), or
+    already such a stream (`sources.Listing.sorted()`)."""
+    if isinstance(listing, (pa.Table, list, tuple)):
+        t = listing_table(listing).sort_by("key")
+        return keyorder.slices(t)
+    return (t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA) for t in listing)
+
+
 def _rows(table: pa.Table, cols: tuple[str, ...]) -> dict:
     """{first column: (other columns...)} of a (small) table."""
     vals = [table.column(c).to_pylist() for c in cols]
     return {v[0]: tuple(v[1:]) for v in zip(*vals)}
 
 
-def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int, run_id: str, mode: str = "extend",
+@dataclass
+class _Diff:
+    """What the listing-against-index diff keeps: Python objects only for keys with work on
+    existing shards (changed, vanished, failed) and new containers; counts for the rest."""
+
+    listed: dict = field(default_factory=dict)  # key -> (url, kind, size, token), keys with work on old shards
+    idx: dict = field(default_factory=dict)  # key -> (shard, size, token, sha256, failed), same keys + vanished
+    suspect: list = field(default_factory=list)
+    vanished: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    new_containers: dict = field(default_factory=dict)
+    n_listed: int = 0
+    n_new: int = 0
+
+    def add(self, lst: pa.Table, ents: pa.Table, retry_failed: bool, new_files: keyorder.RowGroupWriter) -> None:
+        """Diff one key range: `lst` (the listing's rows in it) against `ents` (the index's)."""
+        cols = ("entry", "shard", "size", "token", "sha256", "failed")
+        n = lst.num_rows
+        self.n_listed += n
+        if ents.num_rows:
+            gone = ents.filter(pc.invert(pc.is_in(ents.column("entry"), value_set=lst.column("key")))) if n else ents
+            self.vanished += gone.column("entry").to_pylist()
+            self.idx.update(_rows(gone, cols))
+        if not n:
+            return
+        pos = pc.index_in(lst.column("key"), value_set=ents.column("entry")) if ents.num_rows else pa.nulls(n, pa.int32())
+        known = pc.is_valid(pos)
+        # the index's columns the diff needs, aligned with the listing (null for new keys)
+        at = {c: (pc.take(ents.column(c), pos) if ents.num_rows else pa.nulls(n, ents.schema.field(c).type))
+              for c in ("size", "token", "failed")}
+        # suspect: the index has a token and the listing's token or (known) size differs from it
+        tok_ne = pc.fill_null(pc.not_equal(at["token"], lst.column("token")), True)
+        sz_ne = pc.and_(pc.is_valid(at["size"]), pc.fill_null(pc.not_equal(at["size"], lst.column("size")), True))
+        differs = pc.and_(pc.is_valid(at["token"]), pc.or_(tok_ne, sz_ne))
+        was_failed = pc.fill_null(pc.not_equal(at["failed"], 0), False)
+        want = pc.or_(differs, was_failed) if retry_failed else differs
+        if ents.num_rows:
+            self.idx.update(_rows(ents.take(pos.filter(want)), cols))
+        self.listed.update(_rows(lst.filter(want), tuple(LISTING_SCHEMA.names)))
+        self.suspect += lst.filter(differs).column("key").to_pylist()
+        if retry_failed:
+            self.failed += lst.filter(was_failed).column("key").to_pylist()
+        new_t = lst.filter(pc.invert(known))
+        self.n_new += new_t.num_rows
+        is_file = pc.equal(new_t.column("kind"), "files")
+        new_files.write(new_t.filter(is_file).select(list(NEW_FILE_COLUMNS)))
+        self.new_containers.update(_rows(new_t.filter(pc.invert(is_file)), tuple(LISTING_SCHEMA.names)))
+
+
+def plan_compress(listing, cat: Catalog, shard_size: int, run_id: str, mode: str = "extend",
                   retry_failed: bool = False, max_shards: int | None = None,
                   hasher: Callable[[str], str | None] | None = None) -> Plan:
     """The work of one compress run. `listing` holds (key, url, kind, size, token) tuples, or is
-    an Arrow table of those columns (`sources.list_entries_table`).
+    an Arrow table of those columns, or a stream of such tables in key order
+    (`sources.list_entries_sorted`).
 
-    The diff of the listing against the key index runs on Arrow columns (one hash lookup of
-    the listed keys in the index, vectorised comparisons), so its memory is a few bytes per
-    key beyond the two tables; Python objects are made only for keys that need work on
-    existing shards (changed, vanished, failed); new files stay in `Plan.new_files`."""
+    The listing and the key index are both in key order, so the diff walks them side by side a
+    key range at a time (`keyorder.aligned`): a hash lookup of the range's listed keys in its
+    index rows, vectorised comparisons. Memory is a few batches of each, whatever the number of
+    keys; Python objects are made only for keys that need work on existing shards (changed,
+    vanished, failed); new files go to `Plan.new_files` (a local file) as they are found."""
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r} (choose {', '.join(MODES)})")
     shard_size = max(1, int(shard_size))
-    lst = listing_table(listing)
-    ents = cat.entries
-    n_listed = lst.num_rows
-    pos = pc.index_in(lst.column("key"), value_set=ents.column("entry")) if ents.num_rows else \
-        pa.nulls(n_listed, pa.int32())
-    known = pc.is_valid(pos)
-    seen = np.zeros(ents.num_rows, dtype=bool)
-    seen[pos.filter(known).to_numpy(zero_copy_only=False)] = True
-    # the index's columns the diff needs, aligned with the listing (null for new keys): no copy
-    # of whole tables, a few bytes a key
-    at = {c: (pc.take(ents.column(c), pos) if ents.num_rows else pa.nulls(n_listed, ents.schema.field(c).type))
-          for c in ("size", "token", "failed")}
-    # suspect: the index has a token and the listing's token or (known) size differs from it
-    tok_ne = pc.fill_null(pc.not_equal(at["token"], lst.column("token")), True)
-    sz_ne = pc.and_(pc.is_valid(at["size"]), pc.fill_null(pc.not_equal(at["size"], lst.column("size")), True))
-    differs = pc.and_(pc.is_valid(at["token"]), pc.or_(tok_ne, sz_ne))
-    was_failed = pc.fill_null(pc.not_equal(at["failed"], 0), False)
-    want = pc.or_(differs, was_failed) if retry_failed else differs
-    del at, tok_ne, sz_ne
-    # only these keys become Python objects
-    cols = ("entry", "shard", "size", "token", "sha256", "failed")
-    idx = _rows(ents.take(pos.filter(want)), cols) if ents.num_rows else {}
-    gone_rows = ents.filter(pa.array(~seen)) if ents.num_rows else ents
-    vanished = gone_rows.column("entry").to_pylist()
-    idx.update(_rows(gone_rows, cols))
-    new_t = lst.filter(pc.invert(known))
-    listed = _rows(lst.filter(want), tuple(LISTING_SCHEMA.names))  # only keys with work on old shards
-    is_file = pc.equal(new_t.column("kind"), "files")
-    new_files = new_t.filter(is_file).select(list(NEW_FILE_COLUMNS))
-    new_containers = _rows(new_t.filter(pc.invert(is_file)), tuple(LISTING_SCHEMA.names))
-    suspect = lst.filter(differs).column("key").to_pylist()
-    plan = Plan(new_files=new_files, shard_size=shard_size)
+    plan = Plan(new_files=os.path.join(tempfile.mkdtemp(prefix="fcodec-plan-"), "new-files.parquet"),
+                shard_size=shard_size)
+    d = _Diff()
+    writer = keyorder.RowGroupWriter(plan.new_files, NEW_FILES_SCHEMA, shard_size)
+    try:
+        for lst, ents in keyorder.aligned(listing_stream(listing), cat.index_stream(), "key", "entry",
+                                          LISTING_SCHEMA, L.ENTRIES_SCHEMA):
+            d.add(lst, ents, retry_failed, writer)
+    except BaseException:
+        writer.close()
+        plan.close()
+        raise
+    writer.close()
+    n_new_files = writer.num_rows
+    listed, idx, suspect, vanished, failed = d.listed, d.idx, d.suspect, d.vanished, d.failed
     changed, same = [], []
     if mode == "sync":
         todo = [k for k in suspect if listed[k][1] == "files" and idx[k][3]]
@@ -155,8 +211,7 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
             hashes = dict(zip(todo, pool.map(lambda k: hasher(listed[k][0]) if hasher else None, todo)))
         for k in suspect:
             (same if k in hashes and hashes[k] == idx[k][3] else changed).append(k)
-    failed = lst.filter(was_failed).column("key").to_pylist() if retry_failed else []
-    n_new = new_t.num_rows
+    n_listed, n_new = d.n_listed, d.n_new
     plan.found = {"listed": n_listed, "new": n_new, "vanished": len(vanished),
                   "changed": len(suspect) - len(same), "unchanged": n_listed - n_new - len(suspect) + len(same),
                   "retried": 0, "dropped": 0, "mode": mode}
@@ -175,8 +230,7 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
 
     by_shard: dict[str, list[dict]] = {}
     if touched:
-        rows = ents.filter(pc.is_in(ents.column("shard"), value_set=pa.array(sorted(touched), pa.string())))
-        for r in rows.to_pylist():
+        for r in cat.rows_of_shards(touched).to_pylist():
             by_shard.setdefault(r.pop("shard"), []).append(r)
     for sid, t in sorted(touched.items()):
         old = cat.shards.get(sid)
@@ -216,10 +270,10 @@ def plan_compress(listing: list[tuple] | pa.Table, cat: Catalog, shard_size: int
                                   "container": [entry, *listed[entry][:1], listed[entry][2], listed[entry][3]],
                                   "carry": {"file": old.file, "drop_keys": bad}})
 
-    for g, i in enumerate(range(0, new_files.num_rows, shard_size)):
+    for g, i in enumerate(range(0, n_new_files, shard_size)):
         plan.work.append({"shard": next_id(), "kind": "files", "row_group": g,
-                          "new_rows": min(shard_size, new_files.num_rows - i)})
-    for k, (url, kind, size, token) in new_containers.items():
+                          "new_rows": min(shard_size, n_new_files - i)})
+    for k, (url, kind, size, token) in d.new_containers.items():
         plan.work.append({"shard": next_id(), "kind": kind, "container": [k, url, size, token]})
     plan.found["planned_shards"] = len(plan.work)
     if max_shards is not None:

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-import pyarrow.compute as pc
 
 from codec.spec import CodecSpec, backbone_origin
 
@@ -35,8 +34,8 @@ from .dedupe import Claims
 from .lease import acquire
 from .plan import file_sha256, plan_compress, plan_decompress
 from .schema import BITSTREAM_SCHEMA
-from .sources import list_entries_table
-from .storage import StorageOptions, full_url, get_fs, join, write_parquet_atomic
+from .sources import list_entries_sorted
+from .storage import StorageOptions, clear_errors, full_url, get_fs, is_local, join
 from .workers import Progress, ShardDecoder, ShardEncoder
 
 log = logging.getLogger("fcodec")
@@ -246,13 +245,15 @@ def reconcile(books: Books, cat: Catalog, echo: Callable[[str], None]) -> dict:
     adopted when its embedded record is valid and none of its keys live in another shard, else
     removed; parts of superseded shards removed. Returns counts."""
     out = {"temp_files": books.clean_tmp(), "adopted": 0, "removed": 0}
-    live_entries = cat.entry_shards() if cat.entries.num_rows else {}
+    live_entries = None  # entry -> shard, built only when a part without a record is found
     for name in books.part_files():
         sid = L.shard_of_part(name)
         if sid in cat.shards:
             continue
         path = books.path(name)
         rec = part_record(books.fs, path)
+        if live_entries is None and rec is not None:
+            live_entries = cat.entry_shards()
         ok = (rec is not None and rec.shard == sid and rec.file == name and
               all(s in cat.shards for s in rec.supersedes) and all(d in cat.shards for d in rec.depends_on) and
               all(live_entries.get(e.entry) in (None, *rec.supersedes) for e in rec.entries))
@@ -304,19 +305,19 @@ def compress(cfg: JobConfig, opts: StorageOptions | None = None, use_ray: bool =
     """Compress every input under cfg.src into the bitstream dataset at cfg.dst; returns stats."""
     t0 = time.perf_counter()
     fs, root = get_fs(cfg.dst, opts)
-    listing, ignored = list_entries_table(cfg.src, opts)  # Arrow: tens of bytes a key
-    inside = full_url(fs, root).rstrip("/") + "/"
-    listing = listing.filter(pc.invert(pc.starts_with(listing.column("url"), inside)))  # DST inside SRC: never read our own output
+    # sorted runs on local disk, streamed into the plan; DST inside SRC: never read our own output
+    listing, ignored = list_entries_sorted(cfg.src, opts, exclude_prefix=full_url(fs, root).rstrip("/") + "/")
     if not listing.num_rows:
+        listing.close()
         raise ValueError(f"no images, tar shards or Parquet files under {cfg.src} ({ignored} other files ignored)")
-    with writing(fs, root, cfg.lease_ttl_s) as (books, cat, run_id):
+    with listing, writing(fs, root, cfg.lease_ttl_s) as (books, cat, run_id):
         recon = reconcile(books, cat, echo)
         spec = dataset_codec(cat.manifest, CodecSpec.from_dict(cfg.codec), cfg.dst)
         if cat.manifest and cat.manifest.kind != L.BITSTREAM_KIND:
             raise ValueError(f"{cfg.dst} holds a {cat.manifest.kind}, not a bitstream dataset")
-        plan = plan_compress(listing, cat, cfg.shard_size, run_id, cfg.mode, cfg.retry_failed, cfg.max_shards,
-                             hasher=lambda url: file_sha256(url, opts))
-        del listing  # the plan holds what the run needs; the listing's memory goes back before the workers start
+        plan = plan_compress(listing.sorted(), cat, cfg.shard_size, run_id, cfg.mode, cfg.retry_failed,
+                             cfg.max_shards, hasher=lambda url: file_sha256(url, opts))
+        listing.close()  # the plan holds what the run needs
         f = plan.found
         echo(f"{f['listed']} inputs ({ignored} other files ignored): {f['new']} new, {f['changed']} changed, "
              f"{f['vanished']} vanished, {f['unchanged']} unchanged (mode {cfg.mode}); "
@@ -362,14 +363,19 @@ def _write_new_files(books: Books, plan, run_id: str) -> None:
     """Write the plan's new files beside the books (one row group per shard; the temp folder,
     removed at the end of the run and by the next run) and name the file in the items that read
     it, so work items stay a few hundred bytes however many keys a shard has."""
-    if not any(w.get("new_rows") for w in plan.work):
-        return
-    rel = f"{L.TMP}/new-files-{run_id}.parquet"
-    write_parquet_atomic(books.fs, books.root, rel, plan.new_files, row_group_size=plan.shard_size)
-    for w in plan.work:
-        if w.get("new_rows"):
-            w["listing"] = rel
-    plan.new_files = None  # the workers read it from there; the driver keeps only the counts
+    try:
+        if not any(w.get("new_rows") for w in plan.work):
+            return
+        rel = f"{L.TMP}/new-files-{run_id}.parquet"
+        if is_local(books.fs):
+            books.fs.makedirs(books.path(L.TMP), exist_ok=True)
+        clear_errors(lambda: books.fs.put_file(plan.new_files, books.path(rel)),
+                     f"write {full_url(books.fs, books.path(rel))}")
+        for w in plan.work:
+            if w.get("new_rows"):
+                w["listing"] = rel
+    finally:
+        plan.close()  # the workers read it from the books' temp folder; the driver keeps only the counts
 
 
 class _Gate:
@@ -493,7 +499,7 @@ def _commit(books: Books, cat: Catalog, rec: L.CommitRecord, stats: _Run) -> Non
     if rec.supersedes:
         old = set(rec.supersedes)
         for t in [t for t in cat.shards.values() if t.shard != rec.shard and old & set(t.depends_on)]:
-            ents = cat.entries.filter(pc.equal(cat.entries.column("shard"), t.shard)).drop_columns(["shard"])
+            ents = cat.rows_of_shards([t.shard]).drop_columns(["shard"])
             moved = L.CommitRecord.from_dict({**t.to_dict(), "committed_at": _now_us(), "entries": ents.to_pylist(),
                                               "depends_on": sorted((set(t.depends_on) - old) | {rec.shard})})
             books.commit(moved)

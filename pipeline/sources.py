@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from . import keyorder
 from .storage import StorageOptions, full_url, get_fs
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
@@ -122,11 +124,13 @@ def _listed(fs, path: str) -> tuple[str, Iterator[tuple[str, dict]]]:
     raise FileNotFoundError(f"no input at '{path}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') or a file")
 
 
-def list_entries_table(src: str, opts: StorageOptions | None = None, page: int = 8192) -> tuple[pa.Table, int]:
-    """The listing of `list_entries` as an Arrow table (LISTING_SCHEMA, sorted by key) and the
-    count of ignored files. The store is walked directory by directory and the rows are packed
-    into Arrow a page at a time, so a listing of millions of keys costs tens of bytes a key, not
-    the ~1 KB of a Python tuple of strings."""
+def list_entries_sorted(src: str, opts: StorageOptions | None = None, exclude_prefix: str | None = None,
+                        page: int = 8192) -> tuple[keyorder.Spill, int]:
+    """The listing of `list_entries` as a `keyorder.Spill` of LISTING_SCHEMA rows (`.sorted()`
+    streams them in key order; `.close()` removes its runs) and the count of ignored files. The
+    store is walked directory by directory; rows are packed into Arrow a page at a time and
+    sorted runs go to local disk, so listing millions of keys holds one run in memory, not the
+    listing. URLs under `exclude_prefix` (the job's own output inside SRC) are left out."""
     fs, path = get_fs(src, opts)
     path = path.rstrip("/") or "/"
     try:
@@ -135,33 +139,46 @@ def list_entries_table(src: str, opts: StorageOptions | None = None, page: int =
         raise FileNotFoundError(f"no input at '{src}': give a folder, a glob (e.g. 's3://bucket/imgs/**/*.jpg') "
                                 f"or a file") from None
     prefix = root.rstrip("/") + "/" if root else ""
-    batches: list[pa.RecordBatch] = []
+    spill = keyorder.Spill(LISTING_SCHEMA, "key")
     cols: tuple[list, ...] = ([], [], [], [], [])
     ignored = 0
 
     def flush() -> None:
         if cols[0]:
-            batches.append(pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA)],
-                                                      schema=LISTING_SCHEMA))
+            t = pa.table([pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
+            if exclude_prefix:
+                t = t.filter(pc.invert(pc.starts_with(t.column("url"), exclude_prefix)))
+            spill.add(t)
             for c in cols:
                 c.clear()
 
-    for p, info in items:
-        rel = p[len(prefix):] if prefix and p.startswith(prefix) else (posixpath.relpath(p, root) if root else p)
-        if rel[:1] in ("_", ".") or "/_" in rel or "/." in rel:  # job metadata, hidden files
-            ignored += 1
-            continue
-        kind = kind_of(rel)
-        if kind is None:
-            ignored += 1
-            continue
-        for c, v in zip(cols, (rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info))):
-            c.append(v)
-        if len(cols[0]) >= page:
-            flush()
-    flush()
-    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
-    return (table.sort_by("key") if table.num_rows else table), ignored
+    try:
+        for p, info in items:
+            rel = p[len(prefix):] if prefix and p.startswith(prefix) else (posixpath.relpath(p, root) if root else p)
+            if rel[:1] in ("_", ".") or "/_" in rel or "/." in rel:  # job metadata, hidden files
+                ignored += 1
+                continue
+            kind = kind_of(rel)
+            if kind is None:
+                ignored += 1
+                continue
+            for c, v in zip(cols, (rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info))):
+                c.append(v)
+            if len(cols[0]) >= page:
+                flush()
+        flush()
+    except BaseException:
+        spill.close()
+        raise
+    return spill, ignored
+
+
+def list_entries_table(src: str, opts: StorageOptions | None = None) -> tuple[pa.Table, int]:
+    """The listing of `list_entries` as one Arrow table (LISTING_SCHEMA, sorted by key) and the
+    count of ignored files (tens of bytes a key; jobs stream `list_entries_sorted` instead)."""
+    spill, ignored = list_entries_sorted(src, opts)
+    with spill:
+        return pa.concat_tables([LISTING_SCHEMA.empty_table(), *spill.sorted()]), ignored
 
 
 def change_token(info: dict) -> str:

@@ -10,7 +10,6 @@ AWS_SESSION_TOKEN, or the provider's default chain) and never printed or written
 from __future__ import annotations
 
 import json
-import logging
 import os
 import posixpath
 import uuid
@@ -135,11 +134,7 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 
         _replace_atomically(tmp, path, write)
     else:  # one PUT (botocore retries it per the policy above)
-        def put() -> None:
-            with fs.open(path, "wb") as f:
-                f.write(data)
-
-        clear_errors(put, f"write {full_url(fs, path)}")
+        clear_errors(lambda: _put_whole(fs, path, lambda f: f.write(data)), f"write {full_url(fs, path)}")
 
 
 def clear_errors(fn, what: str):
@@ -171,26 +166,52 @@ def write_json_atomic(fs, path: str, obj: Any) -> None:
     write_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet_atomic(fs, root: str, name: str, table: pa.Table, tmp_dir: str = TMP, **write_kwargs) -> str:
+def write_parquet_atomic(fs, root: str, name: str, table, tmp_dir: str = TMP, schema: pa.Schema | None = None,
+                         group_rows: int = 1 << 16, **write_kwargs) -> str:
     """Write `table` to root/name so it appears complete or not at all; returns its path.
+    `table` is a pa.Table, or a stream of tables of `schema` (written as they come, row groups
+    of `group_rows`, never held whole).
 
     Local: written under root/<tmp_dir>/ (which readers ignore), then renamed into place. Object
     stores publish an object only once its upload completes.
     """
     final = join(root, name)
+
+    def write(dest) -> None:
+        if isinstance(table, pa.Table):
+            pq.write_table(table, dest, **write_kwargs)
+            return
+        from .keyorder import RowGroupWriter
+
+        w = RowGroupWriter(dest, schema, group_rows)
+        try:
+            for t in table:
+                w.write(t)
+        finally:
+            w.close()  # on an error too, before the upload is discarded (not later, from a finaliser)
+
     if is_local(fs):
         tmp_root = join(root, tmp_dir)
         os.makedirs(tmp_root, exist_ok=True)
         os.makedirs(posixpath.dirname(final) or ".", exist_ok=True)
         tmp = join(tmp_root, f"{posixpath.basename(name)}.{uuid.uuid4().hex[:8]}.part")
-        _replace_atomically(tmp, final, lambda p: pq.write_table(table, p, **write_kwargs))
+        _replace_atomically(tmp, final, write)
     else:
-        def put() -> None:
-            with fs.open(final, "wb") as f:
-                pq.write_table(table, f, **write_kwargs)
-
-        clear_errors(put, f"write {full_url(fs, final)}")
+        clear_errors(lambda: _put_whole(fs, final, write), f"write {full_url(fs, final)}")
     return final
+
+
+def _put_whole(fs, path: str, write) -> None:
+    """Upload what write(file) writes; an error on the way aborts the upload, so no object (not
+    a torn one, which closing the file would publish) appears."""
+    f = fs.open(path, "wb")
+    try:
+        write(f)
+    except BaseException:
+        f.discard()
+        f.closed = True  # the file's close (or its finaliser) would otherwise upload the part written
+        raise
+    f.close()
 
 
 def arrow_fs(fs):
