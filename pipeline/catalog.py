@@ -50,15 +50,14 @@ class IndexPart:
         return cls(stream=lambda: keyorder.slices(t), table=t)
 
 
-def _live_rows(stream: Iterator[pa.Table], live: pa.Array, dead: set) -> Iterator[pa.Table]:
-    """The rows of a part whose shard is live and not superseded since the part was written."""
-    gone = pa.array(sorted(dead), pa.string())
+def _live_rows(stream: Iterator[pa.Table], live: set, dead: set) -> Iterator[pa.Table]:
+    """The rows of a part whose shard is live and not superseded since the part was written.
+    (Checked on each batch's few distinct shards: a hash of every live shard id per batch cost
+    more than reading the index.)"""
     for t in stream:
-        keep = pc.is_in(t.column("shard"), value_set=live)
-        if len(gone):
-            keep = pc.and_(keep, pc.invert(pc.is_in(t.column("shard"), value_set=gone)))
-        if pc.all(keep).as_py() is False:
-            t = t.filter(keep)
+        bad = [s for s in pc.unique(t.column("shard")).to_pylist() if s not in live or s in dead]
+        if bad:
+            t = t.filter(pc.invert(pc.is_in(t.column("shard"), value_set=pa.array(bad, pa.string()))))
         if t.num_rows:
             yield t
 
@@ -82,7 +81,7 @@ class Catalog:
 
     def index_stream(self) -> Iterator[pa.Table]:
         """The key index (ENTRIES_SCHEMA, live shards only) in key order, a small table at a time."""
-        live = pa.array(sorted(self.shards), pa.string())
+        live = set(self.shards)
         streams = [_live_rows(p.stream(), live, p.dead) for p in self.parts]
         if self.add:
             streams.append(keyorder.slices(pa.concat_tables(list(self.add.values())).sort_by("entry")))

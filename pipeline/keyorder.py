@@ -118,7 +118,9 @@ class Spill:
         if not self.buffered:
             return
         path = os.path.join(self.dir, f"run-{len(self.runs):05d}.parquet")
-        pq.write_table(pa.concat_tables(self.buf).sort_by(self.key), path, row_group_size=self.merge_rows)
+        # a scratch file read once: lz4 and no dictionaries write ~3x faster than the defaults
+        pq.write_table(pa.concat_tables(self.buf).sort_by(self.key), path, row_group_size=self.merge_rows,
+                       compression="lz4", use_dictionary=False)
         self.runs.append(path)
         self.buf, self.buffered = [], 0
 
