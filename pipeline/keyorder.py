@@ -91,18 +91,26 @@ def parquet_stream(path_or_file, schema: pa.Schema | None = None, rows: int | No
 
 class Spill:
     """Rows added in any order come back sorted by `key`: every `run_rows` rows are sorted and
-    written to a local Parquet run (a temp folder removed by `close`), and `sorted()` merges the
-    runs, holding one small batch of each. Memory: about three copies of one run's rows while
-    adding (buffer, sorted copy, Parquet encoder), `merge_rows` rows a run while merging."""
+    written to a local Parquet run (a temp folder removed by `close`); once `fan_in` runs of one
+    size are there they are merged into one run of the next size (so a merge never holds more
+    than `fan_in` batches), and `sorted()` merges what is left. Memory: a few copies of one run's
+    rows while adding (buffer, sorted copy, Parquet encoder), `merge_rows` rows a run while
+    merging; each row is written about log_fan_in(rows / run_rows) + 1 times."""
 
-    def __init__(self, schema: pa.Schema, key: str, run_rows: int = 1 << 18, merge_rows: int = 4096,
-                 folder: str | None = None) -> None:
+    def __init__(self, schema: pa.Schema, key: str, run_rows: int = 1 << 15, merge_rows: int = 4096,
+                 fan_in: int = 32, folder: str | None = None) -> None:
         self.schema, self.key, self.run_rows, self.merge_rows = schema, key, max(1, int(run_rows)), merge_rows
+        self.fan_in = max(2, int(fan_in))
         self.dir = tempfile.mkdtemp(prefix="fcodec-spill-", dir=folder)
-        self.runs: list[str] = []
+        self.levels: list[list[str]] = []  # runs by size: level i holds runs of ~run_rows * fan_in**i rows
+        self.written = 0
         self.buf: list[pa.Table] = []
         self.buffered = 0
         self.num_rows = 0
+
+    @property
+    def runs(self) -> list[str]:
+        return [p for level in reversed(self.levels) for p in level]
 
     def add(self, table: pa.Table | pa.RecordBatch) -> None:
         t = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
@@ -114,15 +122,35 @@ class Spill:
         if self.buffered >= self.run_rows:
             self._flush()
 
+    def _path(self) -> str:
+        self.written += 1
+        return os.path.join(self.dir, f"run-{self.written:06d}.parquet")
+
     def _flush(self) -> None:
         if not self.buffered:
             return
-        path = os.path.join(self.dir, f"run-{len(self.runs):05d}.parquet")
+        path = self._path()
         # a scratch file read once: lz4 and no dictionaries write ~3x faster than the defaults
         pq.write_table(pa.concat_tables(self.buf).sort_by(self.key), path, row_group_size=self.merge_rows,
                        compression="lz4", use_dictionary=False)
-        self.runs.append(path)
         self.buf, self.buffered = [], 0
+        self._add_run(0, path)
+
+    def _add_run(self, level: int, path: str) -> None:
+        while len(self.levels) <= level:
+            self.levels.append([])
+        self.levels[level].append(path)
+        if len(self.levels[level]) < self.fan_in:
+            return
+        runs, self.levels[level] = self.levels[level], []
+        out = self._path()
+        w = RowGroupWriter(out, self.schema, self.merge_rows, compression="lz4", use_dictionary=False)
+        for t in merge([parquet_stream(p, self.schema, self.merge_rows) for p in runs], self.key):
+            w.write(t)
+        w.close()
+        for p in runs:
+            os.unlink(p)
+        self._add_run(level + 1, out)
 
     def sorted(self) -> Iterator[pa.Table]:
         """All rows added, sorted by key, as a stream (rows still buffered are sorted in memory)."""
@@ -154,9 +182,9 @@ class RowGroupWriter:
     """Writes tables to a Parquet file in row groups of exactly `group_rows` rows (the last one
     shorter), whatever sizes the tables come in: row group g holds rows [g * group_rows, ...)."""
 
-    def __init__(self, where, schema: pa.Schema, group_rows: int) -> None:
+    def __init__(self, where, schema: pa.Schema, group_rows: int, **parquet_options) -> None:
         self.schema, self.group_rows = schema, max(1, int(group_rows))
-        self.writer = pq.ParquetWriter(where, schema)
+        self.writer = pq.ParquetWriter(where, schema, **parquet_options)
         self.buf: list[pa.Table] = []
         self.buffered = 0
         self.num_rows = 0

@@ -4,6 +4,7 @@ compaction writes the same index as sorting it whole, and a stream that fails mi
 file (locally and on S3)."""
 from __future__ import annotations
 
+import os
 import random
 
 import pyarrow as pa
@@ -29,21 +30,24 @@ def shuffled_keys(n: int, seed: int = 0) -> list[str]:
     return keys
 
 
-def test_spill_sorts_across_runs_and_removes_them(monkeypatch):
+@pytest.mark.parametrize("fan_in,runs_left", [(32, 6), (3, 2), (2, 2)])
+def test_spill_sorts_across_runs_and_removes_them(monkeypatch, fan_in, runs_left):
+    """Runs of 4500 rows (3 adds), 3000 rows left in memory; with a small fan-in, every `fan_in`
+    runs of a size are merged into one of the next (2: 6 runs -> sizes 4 + 2)."""
     monkeypatch.setattr(keyorder, "READ_ROWS", 1000)
     keys = shuffled_keys(30_000)
-    sp = keyorder.Spill(LISTING_SCHEMA, "key", run_rows=4000, merge_rows=1000)
+    sp = keyorder.Spill(LISTING_SCHEMA, "key", run_rows=4000, merge_rows=1000, fan_in=fan_in)
     for i in range(0, len(keys), 1500):
         sp.add(listing(keys[i:i + 1500]))
-    assert sp.num_rows == 30_000 and len(sp.runs) == 6  # runs of 4500 rows (3 adds), 3000 rows in memory
+    assert sp.num_rows == 30_000 and len(sp.runs) == runs_left
+    assert sorted(os.listdir(sp.dir)) == sorted(os.path.basename(p) for p in sp.runs)  # merged runs removed
     chunks = list(sp.sorted())
     got = [k for t in chunks for k in t.column("key").to_pylist()]
     assert got == sorted(keys)
-    # a merge step holds at most one read batch a stream (6 runs + the rows in memory), never a whole run
-    assert max(t.num_rows for t in chunks) <= 7 * 1000
+    # a merge step holds at most one read batch a stream (the runs + the rows in memory), never a whole run
+    assert max(t.num_rows for t in chunks) <= (runs_left + 1) * 1000
     d = sp.dir
     sp.close()
-    import os
     assert not os.path.exists(d)
 
 
@@ -119,7 +123,6 @@ def test_folds_spill_and_compaction_streams_the_same_index(tmp_path, monkeypatch
     assert streamed == want
     spill_dir = cat.spill_dir
     books.compact(cat)
-    import os
     assert not os.path.exists(spill_dir)
     back = Books(fs, root).read()
     assert back.entries.column("entry").to_pylist() == want

@@ -102,17 +102,19 @@ def sample_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, tmp_path):
-    """2 CPU workers: stopped by a fault after a checkpoint, resumed from it, loss went down,
-    and the exported folder encodes to the same bytes in a fresh process."""
+def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, s3_server, s3_bucket, tmp_path):
+    """2 CPU workers, checkpoints and export on an S3 endpoint (moto): stopped by a fault after a
+    checkpoint, resumed from it, loss went down, two checkpoints kept there, and the exported
+    folder encodes to the same bytes in a fresh process."""
+    import s3fs
     from ray.train import TrainingFailedError
 
     from codec import load_image
     from pipeline.train import TrainJob, train
 
     cfg = CodecTrainConfig(lam_min=1.0, lam_max=1.0, lr=3e-3, z_warmup=1)
-    job = TrainJob(data=str(sample_dir), out=str(tmp_path / "weights"), backbone="tiny", num_workers=2,
-                   storage_path=str(tmp_path / "runs"), name="t1", train_steps=24, batch_size=4, crop=64,
+    job = TrainJob(data=str(sample_dir), out=f"{s3_bucket}/weights", backbone="tiny", num_workers=2,
+                   storage_path=f"{s3_bucket}/runs", name="t1", train_steps=24, batch_size=4, crop=64,
                    checkpoint_every=8, log_every=4, train=cfg.to_dict())
 
     def fail_at_11(step: int, metrics: dict) -> None:  # nested: cloudpickle ships it to the workers by value
@@ -120,18 +122,26 @@ def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, tmp_path):
             raise RuntimeError(f"fault injected at step {step}")
 
     with pytest.raises(TrainingFailedError, match="fault injected"):
-        train(job, on_step=fail_at_11)
-    res = train(job)  # same storage_path + name: resumes from the step-8 checkpoint
+        train(job, s3_server["opts"], on_step=fail_at_11)
+    res = train(job, s3_server["opts"])  # same storage_path + name: resumes from the step-8 checkpoint
     steps = [h["step"] for h in res.history]
     assert steps == list(range(1, 25))
-    state = __import__("pipeline.train", fromlist=["x"]).load_checkpoint_state(
-        __import__("ray.train", fromlist=["x"]).Checkpoint(res.checkpoint_path))
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    bucket = s3_bucket[len("s3://"):]
+    ckpts = sorted(p for p in fs.find(f"{bucket}/runs/t1") if p.endswith("train_state.pt"))
+    assert len(ckpts) == 2  # steps 16 and 24 (num_to_keep=2)
+    (last,) = [c for c in ckpts if c.startswith(res.checkpoint_path.strip("/") + "/")]  # the result's checkpoint
+    with fs.open(last, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     assert state["resumes"] == [8] and state["step"] == 24
     rd = [h["rd"] for h in res.history]
     print(f"rate+λD: first 4 steps {np.mean(rd[:4]):.4f}, last 4 {np.mean(rd[-4:]):.4f}")
     assert np.mean(rd[-4:]) < np.mean(rd[:4])
 
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/weights")) == [
+        "codec_config.json", "entropy.safetensors", "estimator.safetensors"]
     out = tmp_path / "weights"
+    fs.get(f"{bucket}/weights/", str(out), recursive=True)
     cfg_json = json.loads((out / "codec_config.json").read_text())
     assert cfg_json["entropy"] == "hyperprior" and cfg_json["codec_fingerprint"] == res.codec.fingerprint().hex()
     assert (out / "estimator.safetensors").is_file()
@@ -192,28 +202,6 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
 
 
 @pytest.mark.slow
-def test_checkpoints_and_export_on_s3(ray_local, sample_dir, s3_server, s3_bucket, tmp_path):
-    """storage_path and OUT on an S3 endpoint (moto): checkpoints land there, the export loads back."""
-    import s3fs
-
-    from codec import load_codec
-    from pipeline.train import TrainJob, train
-
-    job = TrainJob(data=str(sample_dir), out=f"{s3_bucket}/weights", backbone="tiny", num_workers=2,
-                   storage_path=f"{s3_bucket}/runs", name="s3run", train_steps=4, batch_size=2, crop=64,
-                   checkpoint_every=2, log_every=2, train=CodecTrainConfig(train_estimator=False, t_range=(40, 60)).to_dict())
-    res = train(job, s3_server["opts"])
-    assert [h["step"] for h in res.history] == [1, 2, 3, 4]
-    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
-    bucket = s3_bucket[len("s3://"):]
-    ckpts = [p for p in fs.find(f"{bucket}/runs/s3run") if p.endswith("train_state.pt")]
-    assert len(ckpts) == 2  # steps 2 and 4 (num_to_keep=2)
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/weights")) == ["codec_config.json", "entropy.safetensors"]
-    fs.get(f"{bucket}/weights/", str(tmp_path / "w"), recursive=True)
-    loaded = load_codec("tiny", codec_weights=str(tmp_path / "w"))
-    assert loaded.fingerprint() == res.codec.fingerprint()
-
-
 def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, tiny_latents, tmp_path):
     """`--entropy-model checkerboard --init-weights DIR`: starts at exactly the hyperprior's rate (its
     context correction is zero), trains, exports, and its 3-string records decode after a reload."""
