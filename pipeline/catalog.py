@@ -113,7 +113,7 @@ class Catalog:
             self.spill_dir = tempfile.mkdtemp(prefix="fcodec-index-")
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         path = os.path.join(self.spill_dir, f"run-{len(self.parts):05d}.parquet")
-        pq.write_table(pa.concat_tables(list(self.add.values())).sort_by("entry"), path, row_group_size=keyorder.READ_ROWS)
+        keyorder.write_run(pa.concat_tables(list(self.add.values())), path, "entry")
         self.parts.append(IndexPart(stream=lambda: keyorder.parquet_stream(path, L.ENTRIES_SCHEMA)))
         self.add, self.add_rows = {}, 0
 
@@ -229,7 +229,10 @@ class Books:
         if len(bounds) != meta.num_row_groups or any(a[1] > b[0] for a, b in zip(bounds, bounds[1:])):
             log.warning("%s is not in key order: read whole and sorted", p)
             return IndexPart.of_table(self._read_parquet(p))
+        return self._streamed_part(p)
 
+    def _streamed_part(self, p: str) -> IndexPart:
+        """A key-index file known to be in key order, as a part read a row group at a time."""
         def stream() -> Iterator[pa.Table]:
             with self.fs.open(p, "rb") as f:
                 yield from keyorder.parquet_stream(f, L.ENTRIES_SCHEMA)
@@ -291,7 +294,8 @@ class Books:
         write_parquet_atomic(self.fs, self.root, L.CATALOG_ENTRIES, cat.index_stream(), tmp_dir=L.TMP,
                              schema=L.ENTRIES_SCHEMA)
         cat.release_spills()
-        cat.parts, cat.add, cat.add_rows = [self._index_part(self.path(L.CATALOG_ENTRIES))], {}, 0
+        # written in key order just now: no need to read its footer back to check
+        cat.parts, cat.add, cat.add_rows = [self._streamed_part(self.path(L.CATALOG_ENTRIES))], {}, 0
         self.remove(cat.loose)
         cat.loose = []
 

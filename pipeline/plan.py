@@ -112,7 +112,7 @@ def listing_table(listing) -> pa.Table:
 
 def listing_stream(listing) -> Iterator[pa.Table]:
     """A listing as a stream of small tables in key order: a table or tuples (sorted here), or
-    already such a stream (`sources.Listing.sorted()`)."""
+    already such a stream (the `.sorted()` of `sources.list_entries_sorted`'s spill)."""
     if isinstance(listing, (pa.Table, list, tuple)):
         t = listing_table(listing).sort_by("key")
         return keyorder.slices(t)

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-
 from codec.spec import CodecSpec, backbone_origin
 
 from . import layout as L

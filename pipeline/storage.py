@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .keyorder import RowGroupWriter
 from .layout import TMP
 
 # One retry policy for object storage: botocore's adaptive mode (exponential backoff plus
@@ -181,8 +182,6 @@ def write_parquet_atomic(fs, root: str, name: str, table, tmp_dir: str = TMP, sc
         if isinstance(table, pa.Table):
             pq.write_table(table, dest, **write_kwargs)
             return
-        from .keyorder import RowGroupWriter
-
         w = RowGroupWriter(dest, schema, group_rows)
         try:
             for t in table:
