@@ -201,7 +201,6 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
     assert x.shape == (2, 3, 32, 32) and z.shape == (2, 4, 4, 4)
 
 
-@pytest.mark.slow
 def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, tiny_latents, tmp_path):
     """`--entropy-model checkerboard --init-weights DIR`: starts at exactly the hyperprior's rate (its
     context correction is zero), trains, exports, and its 3-string records decode after a reload."""
