@@ -34,7 +34,8 @@ def job_config(args: argparse.Namespace, **extra):
     opts = storage_options(args)
     cfg = JobConfig(src=args.src, dst=args.dst, codec=codec_given(args), rows_per_batch=args.rows_per_batch,
                     workers=args.workers, actor_cpus=args.actor_cpus, io_threads=args.io_threads, gpus=args.gpus,
-                    retry_failed=args.retry_failed, max_shards=args.max_shards, storage=opts.public(), **extra)
+                    actor_start_timeout_s=args.actor_start_timeout, retry_failed=args.retry_failed,
+                    max_shards=args.max_shards, storage=opts.public(), **extra)
     return cfg, opts
 
 

@@ -80,6 +80,9 @@ def add_pool_options(g: argparse._ArgumentGroup) -> None:
                         "even before the GPU nodes exist (an autoscaler adds them); off: CPU actors (default: %(default)s)")
     g.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU; without GPUs half the CPUs)")
     g.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per actor, fractions allowed (default: %(default)s)")
+    g.add_argument("--actor-start-timeout", type=int, default=900, metavar="S",
+                   help="seconds for the pool's first actors to load the codec; fewer up by then is an error naming "
+                        "the resources asked for (default: %(default)s)")
     g.add_argument("--io-threads", type=int, default=4,
                    help="threads per actor reading, decoding and writing images beside the model (default: %(default)s)")
     g.add_argument("--rows-per-batch", type=int, default=32, help="images read ahead per chunk (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Ray Data stages and storage I/O; knows nothing of diffusion internals.
+"""Ray stages (shard dispatch, Ray Data for training reads) and storage I/O; knows nothing of diffusion internals.
 
 layout.py     the on-disk contract: paths, Manifest, CommitRecord, key index schema, internal columns
 catalog.py    a dataset's books: read (either layout), commit, fold + compact, read_dataset
@@ -11,6 +11,7 @@ rows.py       row helpers every stage shares (tables, output names, one-line err
 transform.py  image decoding / PNG encoding of rows
 actors.py     EncodeActor / DecodeActor: the row engines (codec loaded once)
 workers.py    ShardEncoder / ShardDecoder: Ray actors that read, code and write a shard, return its record
+dispatch.py   the shard workers' actor pool: one call per shard, the driver asleep in ray.wait
 raystart.py   the one Ray start-up policy of every job
 run.py        compress() / decompress(): lease -> reconcile -> plan -> workers -> commit
 audit.py, report.py, train.py, verify.py: the other jobs (see their docstrings)

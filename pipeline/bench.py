@@ -25,6 +25,7 @@ from typing import Callable
 import psutil
 
 from .actors import as_spec
+from .dispatch import ACTOR_PROCESS
 from .raystart import init_ray
 from .run import JobConfig, compress, steady_rate
 
@@ -61,7 +62,7 @@ def processes(pattern: str) -> list[dict]:
 class RssSampler:
     """Samples the RSS of this machine's Ray actor processes running `pattern` (peak per pid)."""
 
-    def __init__(self, pattern: str = "ShardEncoder", every: float = 0.2) -> None:
+    def __init__(self, pattern: str = ACTOR_PROCESS, every: float = 0.2) -> None:
         self.pattern, self.every, self.peak = pattern, every, {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -82,9 +83,8 @@ class RssSampler:
         self._t.join()
 
 
-def quiesce(pattern: str = "MapWorker", timeout_s: float = 20.0) -> None:
-    """Wait until the previous job's actor processes (Ray Data's actor pools run in `MapWorker`
-    processes) have exited: Ray kills them asynchronously, and a measurement must not share the
+def quiesce(pattern: str = ACTOR_PROCESS, timeout_s: float = 20.0) -> None:
+    """Wait until the previous job's shard-worker processes have exited: Ray kills them asynchronously, and a measurement must not share the
     CPUs with their shutdown."""
     deadline = time.monotonic() + timeout_s
     while processes(pattern) and time.monotonic() < deadline:

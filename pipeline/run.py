@@ -3,7 +3,7 @@
     DST lease (one writer)            lease.py
     reconcile leftovers of a kill     here: orphan parts adopted if valid, else removed; temps removed
     plan from the key index           plan.py: new keys -> new shards; changed/vanished per --mode
-    Ray Data: one work item per shard -> ActorPoolStrategy of shard workers (workers.py), which
+    one call per shard on a pool of shard-worker actors (dispatch.py, workers.py), which
         read, encode and write `part-<shard>.parquet` themselves and return the commit record
     driver: append each record to the commit log, drop superseded parts; compact; manifest last
 
@@ -14,13 +14,11 @@ Ray is started (through `start_ray`) only when there is work to do.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -30,8 +28,10 @@ from codec.spec import CodecSpec, backbone_origin
 from . import layout as L
 from .catalog import Books, Catalog, dataset_codec, fold, part_record
 from .dedupe import Claims
+from .dispatch import run_pool
 from .lease import acquire
 from .plan import file_sha256, plan_compress, plan_decompress
+from .raystart import actor_pool_args
 from .schema import BITSTREAM_SCHEMA
 from .sources import list_entries_sorted
 from .storage import StorageOptions, clear_errors, full_url, get_fs, is_local, join
@@ -61,7 +61,7 @@ class JobConfig:
     image_format: str = "png"  # decompress: png | webp | jpg
     keep_columns: list[str] | None = None  # compress, Parquet inputs: the columns carried over (None: all)
     dedupe: bool = False  # compress: one bitstream per distinct source sha256 (later rows refer to the first)
-    actor_start_timeout_s: int = 900  # all actors must have loaded the codec by then (else: too few resources)
+    actor_start_timeout_s: int = 900  # the pool's minimum must have loaded the codec by then (else: too few resources)
     lease_ttl_s: float = 600.0
     storage: dict = field(default_factory=dict)  # StorageOptions.public() (no secrets)
 
@@ -133,6 +133,13 @@ class ProgressBar:
                 of = f"/{self.total}" if self.total else ""
                 self.echo(f"{self.desc}: {self.n}{of} images, {self.n / (t - self.t0):.1f} images/s")
 
+    @property
+    def refresh_s(self) -> float | None:
+        """How often the count is worth fetching: None when nothing is shown."""
+        if not self.enabled:
+            return None
+        return 0.5 if self.bar is not None else self.every_s
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -190,40 +197,21 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
     counter = small(Progress).remote()
     # each shared object becomes one actor, built from the same constructor arguments
     kwargs = {**kwargs, **{k: small(type(v)).remote(*v.init_args()) for k, v in (shared or {}).items()}}
-    stop = threading.Event()
 
     def poll() -> None:
-        while not stop.wait(0.5):
-            try:
-                bar.set(ray.get(counter.total.remote(), timeout=5))
-            except Exception:  # noqa: BLE001 - the bar is best effort
-                pass
-
-    poller = threading.Thread(target=poll, name="fcodec-progress", daemon=True)
-    poller.start()
-    ds = ray.data.from_items([{"work": json.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
-    # Start work only once every actor has loaded its codec: the pool shares the work from the
-    # first shard on, and a cluster too small for the pool fails with a clear timeout, not a hang.
-    ds.context.wait_for_min_actors_s = cfg.actor_start_timeout_s
-    from .raystart import actor_pool_args
-
-    kw = {"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}
-    kw.update(actor_pool_args())
-    with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60 warns on **kwargs)
-        warnings.simplefilter("ignore")
-        ds = ds.map_batches(worker_cls, fn_constructor_kwargs={**kwargs, "progress": counter}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(min_size=plan["min_size"], max_size=plan["max_size"]),
-                            num_cpus=plan["num_cpus"], batch_format="pyarrow", **kw)
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for rec in batch.column("record").to_pylist():
-                on_record(L.CommitRecord.from_dict(json.loads(rec), "worker result"))
-    finally:
-        stop.set()
         try:
             bar.set(ray.get(counter.total.remote(), timeout=5))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the bar is best effort
             pass
+
+    remote_args = {"num_cpus": plan["num_cpus"], **({"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}),
+                   **actor_pool_args()}
+    try:
+        run_pool(items, worker_cls, {**kwargs, "progress": counter}, min_size=plan["min_size"],
+                 max_size=plan["max_size"], remote_args=remote_args, start_timeout_s=cfg.actor_start_timeout_s,
+                 on_result=on_record, poll=poll, poll_s=bar.refresh_s)
+    finally:
+        poll()
 
 
 # ---------------------------------------------------------------- books

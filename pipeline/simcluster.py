@@ -8,7 +8,7 @@ What it measures, per run (each run in a fresh subprocess, so peak RSS is that r
   from the commit records' worker-side timestamps (start-up and the last shards' tail excluded;
   both are reported apart);
 * driver CPU seconds per 1000 images (`time.process_time()` of the driver around `compress`,
-  all its threads: listing, planning, Ray Data's scheduler, commits, compaction);
+  all its threads: listing, planning, the shard dispatcher, commits, compaction);
 * driver peak RSS during `compress` (Linux VmHWM, reset after the cluster's start-up), compared
   at 1x and 10x the inputs;
 * CPU of the whole simulated cluster per image (every process the driver started: GCS, raylets,
@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,19 +60,49 @@ def make_inputs(folder: str | Path, n: int, per_dir: int = 1000) -> Path:
     return folder
 
 
-def _tree_cpu(root_pid: int) -> float:
-    """CPU seconds (user + system) of every live descendant of `root_pid`."""
-    total = 0.0
+def _tree_cpu(root_pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of every live descendant of `root_pid`, per pid."""
+    out: dict[int, float] = {}
     try:
         for c in psutil.Process(root_pid).children(recursive=True):
             try:
                 t = c.cpu_times()
-                total += t.user + t.system
+                out[c.pid] = t.user + t.system
             except psutil.Error:
                 continue
     except psutil.Error:
         pass
-    return total
+    return out
+
+
+class TreeCpu:
+    """CPU seconds used by `root_pid`'s descendants while the block runs, processes that exit
+    before its end included (the job kills its actors when it ends): each pid's last sample,
+    taken every `every` seconds, less what it had used before. `own`: the sampler thread's CPU
+    (in the driver's process; the driver's figure leaves it out)."""
+
+    def __init__(self, root_pid: int, every: float = 1.0) -> None:
+        self.root, self.every, self.own = root_pid, every, 0.0
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="sim-tree-cpu", daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        while not self._stop.wait(self.every):
+            self.seen.update(_tree_cpu(self.root))
+        self.own = time.thread_time() - t0  # the sampling's own CPU, not the driver's work
+
+    def __enter__(self) -> "TreeCpu":
+        self.before = _tree_cpu(self.root)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.seen.update(_tree_cpu(self.root))
+        self.used = sum(v - self.before.get(pid, 0.0) for pid, v in self.seen.items())
 
 
 def _status_kb(field: str) -> int:
@@ -149,10 +180,11 @@ def run_once(k: int, n_inputs: int, latency_ms: float, batch: int, workdir: str 
                         io_threads=io_threads, codec={"baseline": f"standin:{latency_ms:g}:{nbytes}", "batch_size": batch})
         rss0 = _reset_peak_rss()  # the cluster's start-up in this process is not the job's
         busy0, all0 = _machine_busy()
-        tree0, cpu0, t0 = _tree_cpu(os.getpid()), time.process_time(), time.perf_counter()
-        res = compress(cfg, progress=False, echo=lambda s: None)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        tree = _tree_cpu(os.getpid()) - tree0
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        with TreeCpu(os.getpid()) as tree_cpu:
+            res = compress(cfg, progress=False, echo=lambda s: None)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0 - tree_cpu.own
+        tree = tree_cpu.used
         busy1, all1 = _machine_busy()
         peak = _status_kb("VmHWM") if rss0 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fs, root = get_fs(str(dst))

@@ -142,10 +142,6 @@ class ShardEncoder:
         self.writer = worker_id()
         self.max_pixels = getattr(getattr(self.engine.codec, "config", None), "max_pixels", None)
 
-    def __call__(self, batch) -> dict:
-        items = batch["work"].to_pylist() if isinstance(batch, pa.Table) else list(batch["work"])
-        return {"record": [json.dumps(self.run(json.loads(w)).to_dict()) for w in items]}
-
     def _decode(self, rows: list[dict]) -> list[dict]:
         def one(r: dict) -> dict:
             facts, img = decode_source(r.get("data"), self.max_pixels)
@@ -320,10 +316,6 @@ class ShardDecoder:
         self.image_format = image_format
         self.pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="fcodec-io")
         self.writer = worker_id()
-
-    def __call__(self, batch) -> dict:
-        items = batch["work"].to_pylist() if isinstance(batch, pa.Table) else list(batch["work"])
-        return {"record": [json.dumps(self.run(json.loads(w)).to_dict()) for w in items]}
 
     def _chunks(self, item: dict) -> Iterator[tuple[list[dict], pa.Schema]]:
         only = set(item["only_keys"]) if item.get("only_keys") is not None else None
