@@ -31,10 +31,14 @@ from typing import Any, Callable
 ACTOR_PROCESS = "ray::ShardWorker"  # how the pool's processes are named (ps, psutil): Ray titles them by class
 
 class ShardWorker:
-    """The actor: builds one `worker_cls(**kwargs)` (the codec is loaded once) and runs items."""
+    """The actor: builds one `worker_cls(**kwargs)` (the codec is loaded once) and runs items.
+    `named` maps more keyword arguments to the names of live actors, looked up here: a handle
+    passed as a constructor argument would make Ray warn that a restart may fail (ray#53727)."""
 
-    def __init__(self, worker_cls: type, kwargs: dict) -> None:
-        self.worker = worker_cls(**kwargs)
+    def __init__(self, worker_cls: type, kwargs: dict, named: dict[str, str] | None = None) -> None:
+        import ray
+
+        self.worker = worker_cls(**kwargs, **{k: ray.get_actor(v) for k, v in (named or {}).items()})
 
     def ready(self) -> bool:
         """Returns once the constructor has finished (calls run after it, in order)."""
@@ -47,10 +51,12 @@ class ShardWorker:
 def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int, max_size: int,
              remote_args: dict, start_timeout_s: float, on_result: Callable[[Any], None],
              poll: Callable[[], None] | None = None, poll_s: float | None = None,
-             depth: int = 2) -> dict:
+             depth: int = 2, named: dict[str, str] | None = None) -> dict:
     """Run `worker_cls(**kwargs).run(item)` for every item on up to `max_size` Ray actors created
     with `remote_args`; hand each result to `on_result` as it arrives (any order). `poll` is
-    called every `poll_s` seconds (progress; never when `poll_s` is None). Returns {"actors": started, "ready": n}."""
+    called every `poll_s` seconds (progress; never when `poll_s` is None). `named`: keyword
+    arguments that are named actors, {argument: actor name} (see ShardWorker). Returns
+    {"actors": started, "ready": n}."""
     import ray
 
     n = max(1, min(max_size, len(items)))
@@ -60,7 +66,7 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
         opts.setdefault("max_restarts", -1)
         opts.setdefault("max_task_retries", -1)
     actor_cls = ray.remote(ShardWorker).options(**opts)
-    actors = [actor_cls.remote(worker_cls, kwargs) for _ in range(n)]
+    actors = [actor_cls.remote(worker_cls, kwargs, named) for _ in range(n)]
     pings = {a.ready.remote(): i for i, a in enumerate(actors)}
     ready: list[int] = []
     load = [0] * n

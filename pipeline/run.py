@@ -194,9 +194,12 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     small = ray.remote(num_cpus=0, scheduling_strategy=here)
-    counter = small(Progress).remote()
-    # each shared object becomes one actor, built from the same constructor arguments
-    kwargs = {**kwargs, **{k: small(type(v)).remote(*v.init_args()) for k, v in (shared or {}).items()}}
+    # each shared object becomes one named actor, built from the same constructor arguments;
+    # the workers look them up by name (dispatch.ShardWorker)
+    prefix = f"fcodec-{uuid.uuid4().hex[:12]}-"
+    objs = {"progress": Progress(), **(shared or {})}
+    handles = {k: small(type(v)).options(name=prefix + k).remote(*v.init_args()) for k, v in objs.items()}
+    counter = handles["progress"]
 
     def poll() -> None:
         try:
@@ -207,11 +210,13 @@ def run_workers(items: list[dict], worker_cls: type, kwargs: dict, cfg: JobConfi
     remote_args = {"num_cpus": plan["num_cpus"], **({"num_gpus": plan["num_gpus"]} if plan["num_gpus"] else {}),
                    **actor_pool_args()}
     try:
-        run_pool(items, worker_cls, {**kwargs, "progress": counter}, min_size=plan["min_size"],
-                 max_size=plan["max_size"], remote_args=remote_args, start_timeout_s=cfg.actor_start_timeout_s,
-                 on_result=on_record, poll=poll, poll_s=bar.refresh_s)
+        run_pool(items, worker_cls, kwargs, min_size=plan["min_size"], max_size=plan["max_size"],
+                 remote_args=remote_args, start_timeout_s=cfg.actor_start_timeout_s, on_result=on_record,
+                 poll=poll, poll_s=bar.refresh_s, named={k: prefix + k for k in handles})
     finally:
         poll()
+        for h in handles.values():
+            ray.kill(h, no_restart=True)
 
 
 # ---------------------------------------------------------------- books

@@ -54,6 +54,10 @@ class Progress:
     def total(self) -> int:
         return self.n
 
+    def init_args(self) -> tuple:
+        """Constructor arguments of a fresh counter (run.run_workers makes a Ray actor of it)."""
+        return ()
+
 
 def _report(progress, n: int) -> None:
     if progress is None or not n:
