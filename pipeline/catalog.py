@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
-import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -31,7 +28,13 @@ log = logging.getLogger("fcodec")
 SHARDS_SCHEMA = pa.schema([("shard", pa.string()), ("record", pa.string())])
 
 
-SPILL_ROWS = 1 << 16  # folded index rows kept in memory before they go to a sorted run on local disk
+SPILL_ROWS = 1 << 14  # folded index rows kept in memory before they go to a sorted run on local disk
+SPILL_FAN_IN = 32  # spilled runs merged into one once this many of a size are there
+# The compacted index file's row groups: what a reader holds of it at a time (the planner, the
+# next compaction), and what compaction buffers before a group is encoded. 64k-row groups cost
+# a 200k-key run's driver ~25 MB at compaction (docs/performance.md); 8k keep the footer small
+# (~1.2k groups at 10M keys).
+INDEX_GROUP_ROWS = keyorder.READ_ROWS
 
 
 @dataclass
@@ -71,13 +74,13 @@ class Catalog:
     loose: list[str] = field(default_factory=list)  # loose record paths folded in (compaction removes them)
     manifest: L.Manifest | None = None
     # The key index is never held whole by a run: sorted parts (the compacted file, streamed from
-    # the store; runs of folded rows spilled to local disk) plus the rows folded since, per shard.
-    # `index_stream` merges them in key order a batch at a time; `entries` is the whole index in
-    # memory, for small datasets and tests.
+    # the store; the folded rows spilled to sorted runs on local disk, merged with bounded fan-in
+    # by a keyorder.Spill) plus the rows folded since, per shard. `index_stream` merges them in
+    # key order a batch at a time; `entries` is the whole index in memory, for small datasets and tests.
     parts: list[IndexPart] = field(default_factory=list, repr=False)
     add: dict = field(default_factory=dict, repr=False)
     add_rows: int = field(default=0, repr=False)
-    spill_dir: str | None = field(default=None, repr=False)
+    folded: keyorder.Spill | None = field(default=None, repr=False)
 
     def index_stream(self) -> Iterator[pa.Table]:
         """The key index (ENTRIES_SCHEMA, live shards only) in key order, a small table at a time."""
@@ -106,22 +109,23 @@ class Catalog:
         return pa.concat_tables([L.ENTRIES_SCHEMA.empty_table(), *got])
 
     def spill(self) -> None:
-        """Move the folded rows to a sorted run on local disk (memory stays flat over a long run)."""
+        """Move the folded rows to a sorted run on local disk (memory stays flat over a long run).
+        All spilled rows are one part (its runs merged SPILL_FAN_IN at a time as they accumulate), so the
+        merge at compaction has a bounded number of inputs however long the run."""
         if not self.add:
             return
-        if self.spill_dir is None:
-            self.spill_dir = tempfile.mkdtemp(prefix="fcodec-index-")
-            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
-        path = os.path.join(self.spill_dir, f"run-{len(self.parts):05d}.parquet")
-        keyorder.write_run(pa.concat_tables(list(self.add.values())), path, "entry")
-        self.parts.append(IndexPart(stream=lambda: keyorder.parquet_stream(path, L.ENTRIES_SCHEMA)))
+        if self.folded is None:
+            self.folded = sp = keyorder.Spill(L.ENTRIES_SCHEMA, "entry", run_rows=1, fan_in=SPILL_FAN_IN)  # a spill = a run
+            weakref.finalize(self, sp.close)
+            self.parts.append(IndexPart(stream=sp.sorted))
+        self.folded.add(pa.concat_tables(list(self.add.values())))
         self.add, self.add_rows = {}, 0
 
     def release_spills(self) -> None:
         """Remove the spilled runs (after compaction wrote them into the books' file)."""
-        if self.spill_dir is not None:
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
-            self.spill_dir = None
+        if self.folded is not None:
+            self.folded.close()
+            self.folded = None
 
     def totals(self) -> dict:
         """Dataset totals over the live shards."""
@@ -292,7 +296,7 @@ class Books:
         write_parquet_atomic(self.fs, self.root, L.CATALOG_SHARDS, shards, tmp_dir=L.TMP)
         # the index is merged from its sorted parts straight into the new file, a batch at a time
         write_parquet_atomic(self.fs, self.root, L.CATALOG_ENTRIES, cat.index_stream(), tmp_dir=L.TMP,
-                             schema=L.ENTRIES_SCHEMA)
+                             schema=L.ENTRIES_SCHEMA, group_rows=INDEX_GROUP_ROWS)
         cat.release_spills()
         # written in key order just now: no need to read its footer back to check
         cat.parts, cat.add, cat.add_rows = [self._streamed_part(self.path(L.CATALOG_ENTRIES))], {}, 0

@@ -88,10 +88,12 @@ def parquet_stream(path_or_file, schema: pa.Schema | None = None, rows: int | No
     """A Parquet file as a stream of tables of `rows` rows (READ_ROWS by default; cast to
     `schema` when given), holding one row group at a time. (Read by row group: on pyarrow 25,
     `ParquetFile.iter_batches` kept every batch's memory until the file was closed, ~1 GB over
-    a 10M-row index; apache/arrow#39808 is the same class of bug in `Dataset.to_batches`.)"""
+    a 10M-row index; apache/arrow#39808 is the same class of bug in `Dataset.to_batches`. One
+    thread: a row group here is a few thousand rows, and Arrow's decode threads each left their
+    own malloc arena behind, +12 MB of driver RSS the first time a 20k-key index was read.)"""
     pf = pq.ParquetFile(path_or_file)
     for g in range(pf.num_row_groups):
-        t = pf.read_row_group(g, columns=columns)
+        t = pf.read_row_group(g, columns=columns, use_threads=False)
         if schema is not None:
             t = t.cast(schema)
         yield from slices(t, rows)

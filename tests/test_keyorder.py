@@ -105,6 +105,7 @@ def test_folds_spill_and_compaction_streams_the_same_index(tmp_path, monkeypatch
     import pipeline.catalog as C
 
     monkeypatch.setattr(C, "SPILL_ROWS", 1000)
+    monkeypatch.setattr(C, "SPILL_FAN_IN", 4)
     keys = shuffled_keys(12_000, 3)
     fs, root = get_fs(str(tmp_path / "ds"))
     books = Books(fs, root)
@@ -112,7 +113,9 @@ def test_folds_spill_and_compaction_streams_the_same_index(tmp_path, monkeypatch
     recs = [record(f"r1-{i:04d}", sorted(keys[i * 200:(i + 1) * 200]), f"2026-12-03T00:00:{i:02d}") for i in range(40)]
     for r in recs:
         commit(books, cat, r)
-    assert cat.spill_dir is not None and len(cat.parts) >= 7  # spilled runs, not one table in memory
+    # 8000 rows spilled 1000 at a time: 8 runs, merged 4 at a time into one part (bounded fan-in)
+    assert cat.folded is not None and cat.folded.num_rows >= 7000 and len(cat.parts) == 1
+    assert cat.folded.written >= 9 and len(cat.folded.runs) <= 3
     # supersede a spilled shard (drop half its keys) and drop another entirely
     kept = recs[0].entries[:100]
     commit(books, cat, record("r1-0100", [e.entry for e in kept], "2026-12-03T00:01:00", supersedes=["r1-0000"]))
@@ -121,7 +124,7 @@ def test_folds_spill_and_compaction_streams_the_same_index(tmp_path, monkeypatch
     want = sorted({k for r in recs[2:40] for k in (e.entry for e in r.entries)} | {e.entry for e in kept})
     streamed = [k for t in cat.index_stream() for k in t.column("entry").to_pylist()]
     assert streamed == want
-    spill_dir = cat.spill_dir
+    spill_dir = cat.folded.dir
     books.compact(cat)
     assert not os.path.exists(spill_dir)
     back = Books(fs, root).read()
@@ -129,6 +132,7 @@ def test_folds_spill_and_compaction_streams_the_same_index(tmp_path, monkeypatch
     assert back.entry_shards()[kept[0].entry] == "r1-0100"
     f = pq.ParquetFile(books.path(L.CATALOG_ENTRIES))
     assert f.metadata.num_rows == len(want)
+    assert f.metadata.row_group(0).num_rows == min(len(want), C.INDEX_GROUP_ROWS)  # what a reader holds at a time
 
 
 def test_unsorted_index_file_is_read_whole(tmp_path):

@@ -73,13 +73,13 @@ def make(folder: str, n: int) -> None:
     import pyarrow.parquet as pq
 
     from pipeline import layout as L
-    from pipeline.catalog import SHARDS_SCHEMA
+    from pipeline.catalog import INDEX_GROUP_ROWS, SHARDS_SCHEMA
 
     entries, lst = synthetic(n)
     ds = f"{folder}/ds"
     _os.makedirs(f"{ds}/{L.COMMITS}", exist_ok=True)
     _os.makedirs(f"{ds}/{L.CATALOG_ENTRIES}".rsplit("/", 1)[0], exist_ok=True)
-    pq.write_table(entries, f"{ds}/{L.CATALOG_ENTRIES}", row_group_size=1 << 16)  # keys in order, as compaction writes
+    pq.write_table(entries, f"{ds}/{L.CATALOG_ENTRIES}", row_group_size=INDEX_GROUP_ROWS)  # as compaction writes
     sids = [f"20261201T000000-abcd-{s:05d}" for s in range((n + 255) // 256)]
     recs = [_json.dumps(L.CommitRecord(shard=sid, file=L.part_name(sid), rows=min(256, n - 256 * i),
                                        ok=min(256, n - 256 * i), committed_at="2026-12-01T00:00:00").to_dict(),
