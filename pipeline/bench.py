@@ -84,8 +84,8 @@ class RssSampler:
 
 
 def quiesce(pattern: str = ACTOR_PROCESS, timeout_s: float = 20.0) -> None:
-    """Wait until the previous job's shard-worker processes have exited: Ray kills them asynchronously, and a measurement must not share the
-    CPUs with their shutdown."""
+    """Wait until the previous job's shard-worker processes have exited: Ray kills them
+    asynchronously, and a measurement must not share the CPUs with their shutdown."""
     deadline = time.monotonic() + timeout_s
     while processes(pattern) and time.monotonic() < deadline:
         time.sleep(0.2)

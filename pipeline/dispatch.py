@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 ACTOR_PROCESS = "ray::ShardWorker"  # how the pool's processes are named (ps, psutil): Ray titles them by class
 
+
 class ShardWorker:
     """The actor: builds one `worker_cls(**kwargs)` (the codec is loaded once) and runs items.
     `named` maps more keyword arguments to the names of live actors, looked up here: a handle
@@ -71,7 +72,7 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
     ready: list[int] = []
     load = [0] * n
     queue = deque(items)
-    inflight: dict[Any, tuple[int, dict]] = {}
+    inflight: dict[Any, int] = {}  # call -> actor
     started = time.monotonic()
     next_poll = started + (poll_s or 0.0)
     try:
@@ -82,8 +83,7 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
                 # end, an item queued behind a busy actor would leave an idle one waiting
                 if load[i] >= (depth if len(queue) > len(ready) else 1):
                     break
-                item = queue.popleft()
-                inflight[actors[i].run.remote(item)] = (i, item)
+                inflight[actors[i].run.remote(queue.popleft())] = i
                 load[i] += 1
             now = time.monotonic()
             if len(ready) < need and now - started > start_timeout_s:
@@ -106,8 +106,7 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
                     ray.get(ref)  # a worker that cannot start (its codec fails to load) raises here
                     ready.append(i)
                 else:
-                    i, _item = inflight.pop(ref)
-                    load[i] -= 1
+                    load[inflight.pop(ref)] -= 1
                     on_result(ray.get(ref))
             if poll is not None and poll_s is not None and time.monotonic() >= next_poll:
                 poll()

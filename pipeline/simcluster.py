@@ -83,7 +83,9 @@ class TreeCpu:
 
     def __init__(self, root_pid: int, every: float = 1.0) -> None:
         self.root, self.every, self.own = root_pid, every, 0.0
-        self.seen: dict[int, float] = {}
+        self.before: dict[int, float] = {}  # each pid's CPU when the block started
+        self.seen: dict[int, float] = {}  # each pid's last sample
+        self.used = 0.0  # set when the block ends
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="sim-tree-cpu", daemon=True)
 
