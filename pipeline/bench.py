@@ -150,7 +150,7 @@ def pipeline_efficiency(small: list[Path], big: list[Path], spec: dict, batch: i
     instead of the default four: reads and image decoding less overlapped with the model) on N
     and 4N images, `repeats` times in turn. Each rate is
     marginal: (4N - N) images over the difference of the two runs' wall times, which cancels
-    every fixed cost (the job's start-up, the read tasks' processes starting) and leaves the
+    every fixed cost (the job's start-up: Ray, the actor process, the codec load) and leaves the
     per-image rate a long archive job runs at. The figures are medians over the repeats."""
     def marginal(a: dict, b: dict) -> float:
         return (b["images"] - a["images"]) / max(1e-9, b["seconds"] - a["seconds"])

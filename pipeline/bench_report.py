@@ -37,8 +37,8 @@ def to_markdown(res: dict) -> str:
         pl = res["pipeline"]
         lines += ["## Pipeline efficiency", "",
                   f"pipeline efficiency: {pl['efficiency']:.2f}× the bare loop", "",
-                  f"Steady state, median of {len(pl['repeats'])} repeats: the Ray compress job (1 actor; read, decode-image "
-                  f"and encode stages; Parquet commits) against a bare loop over the same codec and files in one process. "
+                  f"Steady state, median of {len(pl['repeats'])} repeats: the Ray compress job (1 shard worker that reads, "
+                  f"decodes, encodes and writes its Parquet parts; the driver commits each shard's record) against a bare loop over the same codec and files in one process. "
                   f"Each rate is marginal: runs on N = {pl['images'][0]} and 4N = {pl['images'][1]} images, the extra images "
                   f"over the extra seconds, so fixed costs cancel: the job's start-up ({pl['startup_s']:.1f} s here: actor "
                   f"process, torch and diffusers imports, codec load; first output after {pl['first_output_s']:.1f} s) is "
