@@ -107,6 +107,39 @@ def test_sources_list_files_tar_parquet_with_stable_shards(tmp_path):
     assert sorted(k for k, *_ in g) == sorted(Path(k).name for k in keys if k.startswith("a/") and k.endswith(".png"))
 
 
+def test_local_listing_gives_the_same_entries_as_fsspecs_walk(tmp_path):
+    """Local folders are walked with os.scandir (cheaper on the driver than fsspec's per-file info
+    dicts); the keys, sizes and change tokens must be exactly what fsspec's walk gives, or a
+    rerun after the switch would see every source as changed."""
+    import fsspec
+
+    from pipeline.sources import change_token, list_entries
+
+    src = tmp_path / "src"
+    make_images(src, 5)
+    (src / "deep" / "er").mkdir(parents=True)
+    (src / "deep" / "er" / "x.png").write_bytes(png_of(3))
+    (src / "empty").mkdir()
+    (src / "_meta").mkdir()
+    (src / "_meta" / "skip.png").write_bytes(png_of(4))
+    (src / ".hidden.png").write_bytes(png_of(5))
+    os.symlink(src / "deep" / "er" / "x.png", src / "link.png")
+    os.utime(src / "deep" / "er" / "x.png", (1_700_000_000.5, 1_700_000_000.5))
+
+    got, ignored = list_entries(str(src))
+    fs = fsspec.filesystem("file")
+    want = {}
+    for _d, _sub, files in fs.walk(str(src), detail=True):
+        for info in files.values():
+            rel = os.path.relpath(info["name"], src)
+            if not (rel.startswith(("_", ".")) or "/_" in rel or "/." in rel):
+                want[rel] = (int(info["size"]), change_token(info))
+    assert ignored == 2 and len(got) == 7
+    assert {k: (size, token) for k, _url, _kind, size, token in got} == want
+    assert dict((k, s) for k, _u, _k, s, _t in got)["link.png"] == len(png_of(3))  # size through the link
+    assert dict((k, t) for k, _u, _k, _s, t in got)["deep/er/x.png"].endswith("@1700000000.5")
+
+
 def test_read_shard_reports_missing_files_and_broken_tars(tmp_path):
     src = tmp_path / "src"
     make_images(src, 2)
