@@ -54,15 +54,35 @@ class Shard:
         return len(self.keys) if self.kind == "files" else None
 
 
+# What each kind of input looks like, on the lower-cased path, in the order they are tried: the
+# one definition behind `kind_of` (a name) and `kinds_of` (a listing page). "files": the
+# extension as `posixpath.splitext` finds it (a basename's leading dots are not one).
+KIND_PATTERNS = (
+    ("tar", "(" + "|".join(re.escape(e) for e in TAR_EXTS) + ")$"),
+    ("parquet", "(" + "|".join(re.escape(e) for e in PARQUET_EXTS) + ")$"),
+    ("files", r"(^|/)\.*[^/.][^/]*(" + "|".join(re.escape(e) for e in sorted(IMAGE_EXTS)) + ")$"),
+)
+_KIND_RES = tuple((k, re.compile(rx)) for k, rx in KIND_PATTERNS)
+HIDDEN_PATTERN = r"(^|/)[_.]"  # job metadata (_manifest.json, _books/) and hidden files, at any depth
+
+
 def kind_of(path: str) -> str | None:
+    """The input kind of a path ("files", "tar", "parquet") or None (not an input)."""
     p = path.lower()
-    if p.endswith(TAR_EXTS):
-        return "tar"
-    if p.endswith(PARQUET_EXTS):
-        return "parquet"
-    if posixpath.splitext(p)[1] in IMAGE_EXTS:
-        return "files"
+    for kind, rx in _KIND_RES:
+        if rx.search(p):
+            return kind
     return None
+
+
+def kinds_of(paths: pa.Array) -> pa.Array:
+    """`kind_of` over a string array (null: not an input), in Arrow: listing pages of millions of
+    keys would spend most of the driver's listing CPU on it per key."""
+    low = pc.utf8_lower(paths)
+    out = pa.nulls(len(paths), pa.string())
+    for kind, rx in reversed(KIND_PATTERNS):  # the first pattern that matches wins
+        out = pc.if_else(pc.match_substring_regex(low, rx), pa.scalar(kind), out)
+    return out
 
 
 def _hash8(*parts: str) -> str:
@@ -172,31 +192,38 @@ def list_entries_sorted(src: str, opts: StorageOptions | None = None, exclude_pr
                                 f"or a file") from None
     prefix = root.rstrip("/") + "/" if root else ""
     spill = keyorder.Spill(LISTING_SCHEMA, "key")
-    cols: tuple[list, ...] = ([], [], [], [], [])
     ignored = 0
 
-    def flush() -> None:
-        if cols[0]:
-            t = pa.table([pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
-            if exclude_prefix:
-                t = t.filter(pc.invert(pc.starts_with(t.column("url"), exclude_prefix)))
-            spill.add(t)
-            for c in cols:
-                c.clear()
+    local = is_local(fs)  # a local path is its own URL
 
+    def flush() -> None:
+        nonlocal ignored
+        if not rels:
+            return
+        rel = pa.array(rels, pa.string())
+        kind = kinds_of(rel)
+        keep = pc.and_kleene(pc.invert(pc.match_substring_regex(rel, HIDDEN_PATTERN)), pc.is_valid(kind))
+        urls = pa.array(paths if local else [full_url(fs, p) for p in paths], pa.string())
+        t = pa.table([rel, urls, kind, pa.array(sizes, pa.int64()), pa.array(tokens, pa.string())], schema=LISTING_SCHEMA)
+        t = t.filter(keep)
+        ignored += len(rels) - t.num_rows
+        if exclude_prefix:
+            t = t.filter(pc.invert(pc.starts_with(t.column("url"), exclude_prefix)))
+        spill.add(t)
+        for c in (rels, paths, sizes, tokens):
+            c.clear()
+
+    rels: list[str] = []
+    paths: list[str] = []
+    sizes: list[int] = []
+    tokens: list[str] = []
     try:
         for p, info in items:
-            rel = p[len(prefix):] if prefix and p.startswith(prefix) else (posixpath.relpath(p, root) if root else p)
-            if rel[:1] in ("_", ".") or "/_" in rel or "/." in rel:  # job metadata, hidden files
-                ignored += 1
-                continue
-            kind = kind_of(rel)
-            if kind is None:
-                ignored += 1
-                continue
-            for c, v in zip(cols, (rel, full_url(fs, p), kind, int(info.get("size") or 0), change_token(info))):
-                c.append(v)
-            if len(cols[0]) >= page:
+            rels.append(p[len(prefix):] if prefix and p.startswith(prefix) else (posixpath.relpath(p, root) if root else p))
+            paths.append(p)
+            sizes.append(int(info.get("size") or 0))
+            tokens.append(change_token(info))
+            if len(rels) >= page:
                 flush()
         flush()
     except BaseException:
