@@ -140,6 +140,20 @@ def test_local_listing_gives_the_same_entries_as_fsspecs_walk(tmp_path):
     assert dict((k, t) for k, _u, _k, _s, t in got)["deep/er/x.png"].endswith("@1700000000.5")
 
 
+def test_kinds_of_a_listing_page_match_kind_of():
+    """The listing classifies a page in Arrow; a name gets the same kind as `kind_of` gives it,
+    with the extension as posixpath.splitext finds it (a basename's leading dots are not one)."""
+    from pipeline.sources import kind_of, kinds_of
+
+    want = {"a.png": "files", "A/B.PNG": "files", "a/b..png": "files", "..x.jpg": "files", "x.TIFF": "files",
+            "a/b.c.jpeg": "files", "s.tar": "tar", "s.TAR.GZ": "tar", "y/.tar": "tar", "t.tgz": "tar",
+            "p.parquet": "parquet", "z.pq": "parquet", ".png": None, "a/.png": None, "a/..png": None,
+            "a.b/c": None, "q.png.txt": None, "png": None, "README": None, "x.tar.png": "files"}
+    names = list(want)
+    assert [kind_of(n) for n in names] == list(want.values())
+    assert kinds_of(pa.array(names)).to_pylist() == list(want.values())
+
+
 def test_read_shard_reports_missing_files_and_broken_tars(tmp_path):
     src = tmp_path / "src"
     make_images(src, 2)
