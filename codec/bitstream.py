@@ -5,7 +5,7 @@ Layout of format version 2 (little-endian; docs/bitstream.md is the full specifi
     0   4  magic  b"FDC\\x1a"
     4   1  format version (2; version 1 records, without the two tags, still decode)
     5   1  flags: bit0 source was grayscale, bit1 source had alpha (dropped); other bits 0
-    6   1  entropy model id (0 static, 1 hyperprior, 2 checkerboard)
+    6   1  entropy model id (0 static, 1 hyperprior, 2 checkerboard, 3 channel-checkerboard)
     7   1  latent channels C
     8   8  backbone fingerprint
     16  8  codec fingerprint (entropy model + estimator + CDF tables)
@@ -19,7 +19,7 @@ Layout of format version 2 (little-endian; docs/bitstream.md is the full specifi
     48  8  source tag: `binding_tag(source bytes' sha256, hex)`, zeros = unbound (v2 only)
     56  4C γ: C × (shift f16, scale f16)                                    (v1: at 40)
     ..  2  side-info length S (u16), then S bytes (v2: zero padding may follow the model's side)
-    ..  1  string count n (static 1, hyperprior 2, checkerboard 3), then n × u32 lengths, then the strings
+    ..  1  string count n (static 1, hyperprior 2, checkerboard 3, channel-checkerboard 5), then n × u32 lengths, then the strings
     ..  8  symbol hash: blake2b-64 of ŷ as int32 LE in C order
     ..  4  CRC32 of every byte before it
 
@@ -44,9 +44,9 @@ VERSION = 2  # written by default; every version in SUPPORTED_VERSIONS decodes
 SUPPORTED_VERSIONS = (1, 2)
 FLAG_GRAY, FLAG_ALPHA = 1, 2
 DEFINED_FLAGS = FLAG_GRAY | FLAG_ALPHA
-ENTROPY_STRINGS = {0: 1, 1: 2, 2: 3}  # entropy model id -> number of range-coded strings
+ENTROPY_STRINGS = {0: 1, 1: 2, 2: 3, 3: 5}  # entropy model id -> number of range-coded strings
 MAX_CHANNELS = 16
-MAX_STRINGS = 4
+MAX_STRINGS = 5
 DEFAULT_MAX_PIXELS = limits.DECODE_MAX_PIXELS
 MAX_RECORD_BYTES = limits.MAX_RECORD_BYTES
 TAG_BYTES = 8

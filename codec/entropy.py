@@ -494,6 +494,114 @@ class CheckerboardEntropyModel(HyperpriorEntropyModel):
         return self._bits(y, a * params + (1 - a) * refined)
 
 
+def pass_masks(c: int, h: int, w: int, groups: int) -> list[np.ndarray]:
+    """The coding passes of `ChannelCheckerboardEntropyModel`: for each channel group in turn,
+    its anchors, then its other half. Bool (C, h, w) each; disjoint; together the whole latent."""
+    a = anchor_mask(h, w)[None]
+    bounds = np.linspace(0, c, groups + 1).round().astype(int)
+    masks = []
+    for g in range(groups):
+        ch = np.zeros((c, 1, 1), dtype=bool)
+        ch[bounds[g]:bounds[g + 1]] = True
+        masks += [ch & a, ch & ~a]
+    return masks
+
+
+class ChannelCheckerboardEntropyModel(HyperpriorEntropyModel):
+    """The checkerboard context over channel groups as well (He et al. 2022's ELIC order).
+
+    The latent's channels are coded in GROUPS groups, each as a checkerboard (anchors, then the
+    rest); every pass after the first refines h_s's (μ, σ) from all symbols decoded before it
+    (earlier groups whole, and the group's own anchors), each pass with its own 5×5 context conv
+    and 1×1 network. SD latents' channels are correlated where the picture has structure, which
+    neither the side latent nor a same-channel spatial context can say. Passes are parallel
+    within themselves; the context networks run in float64 on the CPU, like h_s.
+    """
+
+    model_id = 3
+    name = "channel-checkerboard"
+    GROUPS = 2  # fixed for this model id: the record's string count (2 * GROUPS + 1) depends on it
+
+    def __init__(self, channels: int = 4, hidden: int = 64, z_channels: int = 8) -> None:
+        super().__init__(channels, hidden, z_channels)
+        act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
+        n = 2 * self.GROUPS - 1
+        self.contexts = nn.ModuleList(nn.Conv2d(channels, hidden, 5, padding=2) for _ in range(n))
+        self.refines = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * channels + hidden, hidden, 1), act(), nn.Conv2d(hidden, 2 * channels, 1))
+            for _ in range(n))
+        for r in self.refines:  # every correction starts at zero: step 0 codes as the hyperprior
+            nn.init.zeros_(r[-1].weight)
+            nn.init.zeros_(r[-1].bias)
+        self._ctx64: list[tuple[nn.Module, nn.Module]] | None = None
+
+    def update(self) -> None:
+        import copy
+
+        super().update()
+        self._ctx64 = [(copy.deepcopy(c).cpu().double().eval(), copy.deepcopy(r).cpu().double().eval())
+                       for c, r in zip(self.contexts, self.refines)]
+
+    def _pass_params64(self, k: int, params: torch.Tensor, y_done: np.ndarray) -> torch.Tensor:
+        """(μ, log σ) for pass k from h_s's float64 output and ŷ with the undecoded symbols zeroed."""
+        if k == 0:
+            return params
+        if self._ctx64 is None:
+            raise RuntimeError("entropy model not ready: call update() before compress/decompress")
+        context, refine = self._ctx64[k - 1]
+        with torch.inference_mode():
+            done = torch.from_numpy(y_done).double()[None]
+            return params + refine(torch.cat([params, context(done)], dim=1))
+
+    def compress(self, y_hat: np.ndarray) -> Payload:
+        """Integer ŷ (C,h,w) -> Payload([one string per pass, z string])."""
+        z_string, z_hat = self._code_z(y_hat)
+        y = y_hat.astype(np.int32)
+        params = self._side64(z_hat, y_hat.shape)
+        done = np.zeros(y.shape, dtype=bool)
+        strings = []
+        for k, mask in enumerate(pass_masks(*y.shape, self.GROUPS)):
+            m, idx = _tables(self._pass_params64(k, params, np.where(done, y, 0)), y.shape[0])
+            strings.append(self.coder.encode(y[mask] - m[mask], idx[mask]))
+            done |= mask
+        return Payload(strings + [z_string])
+
+    def decompress(self, payload: Payload, shape: tuple[int, int, int], deadline: float | None = None) -> np.ndarray:
+        n = 2 * self.GROUPS + 1
+        if len(payload.strings) != n or payload.side.strip(b"\0"):
+            raise ValueError(f"{self.name} payload needs {n} strings and no side information")
+        c, h, w = shape
+        z_hat = self._decode_z(payload.strings[-1], ((h + 3) // 4, (w + 3) // 4), deadline)
+        params = self._side64(z_hat, shape)
+        y = np.zeros(shape, dtype=np.int32)  # holds exactly the symbols decoded so far, as the encoder's view
+        for k, mask in enumerate(pass_masks(c, h, w, self.GROUPS)):
+            m, idx = _tables(self._pass_params64(k, params, y), c)
+            y[mask] = self.coder.decode(payload.strings[k], idx[mask], deadline) + m[mask]
+        return y
+
+    def estimate_bits(self, y_hat: np.ndarray) -> float:
+        y = torch.from_numpy(y_hat).float()[None].to(self._device())
+        with torch.inference_mode():
+            params, z_bits = self._side(y, training=False)
+            return float((self._pass_bits(y, params) + z_bits)[0])
+
+    def likelihood_bits(self, y: torch.Tensor, z_weight: float = 1.0) -> torch.Tensor:
+        """Differentiable bits per image of a rounded batch, every pass in one forward."""
+        params, z_bits = self._side(y)
+        return self._pass_bits(y, params) + z_weight * z_bits
+
+    def _pass_bits(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Bits of ŷ, each pass's symbols under the parameters refined from the passes before it."""
+        masks = [torch.from_numpy(m).to(y.device, y.dtype) for m in pass_masks(*y.shape[1:], self.GROUPS)]
+        done = torch.zeros_like(masks[0])
+        final = torch.zeros_like(params)
+        for k, mask in enumerate(masks):
+            p = params if k == 0 else params + self.refines[k - 1](torch.cat([params, self.contexts[k - 1](y * done)], dim=1))
+            final = final + torch.cat([mask, mask])[None] * p
+            done = done + mask
+        return self._bits(y, final)
+
+
 class _PatchFeatures(nn.Module):
     """ŷ -> [ŷ, |ŷ|], zero-padded to a multiple of 4 (z is ⌈h/4⌉ × ⌈w/4⌉, as `decompress` expects).
 
@@ -508,7 +616,7 @@ class _PatchFeatures(nn.Module):
 
 
 ENTROPY_MODELS = {"static": StaticEntropyModel, "hyperprior": HyperpriorEntropyModel,
-                  "checkerboard": CheckerboardEntropyModel}
+                  "checkerboard": CheckerboardEntropyModel, "channel-checkerboard": ChannelCheckerboardEntropyModel}
 ENTROPY_IDS = {cls.model_id: name for name, cls in ENTROPY_MODELS.items()}
 # The learned models (a side latent, h_s in float64): they need trained weights to code anything.
 LEARNED_ENTROPY = tuple(name for name, cls in ENTROPY_MODELS.items() if issubclass(cls, HyperpriorEntropyModel))

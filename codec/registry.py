@@ -262,7 +262,7 @@ def resolve_codec_weights(codec_fp: bytes | str, backbone_fp: bytes | str | None
 
 
 # entropy model id in a record -> name (codec.entropy.ENTROPY_IDS, without importing torch)
-ENTROPY_NAMES = {0: "static", 1: "hyperprior", 2: "checkerboard"}
+ENTROPY_NAMES = {0: "static", 1: "hyperprior", 2: "checkerboard", 3: "channel-checkerboard"}
 
 
 __all__ = [

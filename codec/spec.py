@@ -41,7 +41,9 @@ class CodecSpec:
                            metavar="DIR")
     entropy: str = _opt("auto", "entropy model: auto (the hyperprior shipped for the backbone when there is one, else "
                         "static) | static (training-free per-channel Gaussian) | hyperprior, checkerboard (hyperprior + spatial "
-                        "context; the weights shipped for the backbone, else --codec-weights)", DATASET, choices=("auto", "static", "hyperprior", "checkerboard"))
+                        "context), channel-checkerboard (that context over channel groups too) (the weights shipped for "
+                        "the backbone, else --codec-weights)", DATASET,
+                        choices=("auto", "static", "hyperprior", "checkerboard", "channel-checkerboard"))
     codec_weights: str | None = _opt(None, "trained entropy model / estimator: a folder from `fcodec train`, or the name "
                                      "of shipped weights", DATASET, metavar="DIR")
     t: int | None = _opt(None, "diffusion step whose noise the quantization matches (1..999; larger = fewer bits; "

@@ -49,7 +49,7 @@ class CodecTrainConfig:
     train_estimator: bool = True  # False: γ = (channel mean, 1), t ~ U(t_range); rate-only training
     t_range: tuple[float, float] = (T_MIN, T_MAX)
     z_warmup: int = 200  # steps over which the side latent's bits ramp from free to full price (logged bpp too)
-    entropy_model: str = "hyperprior"  # or "checkerboard" (hyperprior + spatial context)
+    entropy_model: str = "hyperprior"  # or "checkerboard" (+ spatial context), "channel-checkerboard" (+ channel groups)
     init_weights: str | None = None  # codec weights (name or folder) whose entropy tensors start training
     hidden: int = 64  # hyperprior width
     z_channels: int = 8  # hyperprior side-latent width

@@ -32,8 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-denoise", action="store_true", help="measure distortion on ẑ instead of the one-step x̂₀")
     g.add_argument("--default-t", type=int, default=None, metavar="N",
                    help="the t the exported weights encode at when none is given (default: the codec's, 100)")
-    g.add_argument("--entropy-model", choices=["hyperprior", "checkerboard"], default="hyperprior",
-                   help="hyperprior, or checkerboard: the hyperprior plus a two-pass spatial context (default: %(default)s)")
+    g.add_argument("--entropy-model", choices=["hyperprior", "checkerboard", "channel-checkerboard"],
+                   default="hyperprior", help="hyperprior; checkerboard: the hyperprior plus a two-pass spatial context; "
+                   "channel-checkerboard: that context over two channel groups in turn (four passes) (default: %(default)s)")
     g.add_argument("--init-weights", default=None, metavar="DIR",
                    help="start the entropy model from these codec weights (a folder or shipped name, same widths)")
     g.add_argument("--hp-hidden", type=int, default=64, metavar="N", help="hyperprior width (default: %(default)s)")
