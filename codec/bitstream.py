@@ -185,7 +185,7 @@ def parse(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, latent_factor: int 
     if flags & ~DEFINED_FLAGS:
         raise BitstreamError(f"bitstream has undefined flag bits set ({flags:#04x}; only bits 0-1 are defined)")
     if entropy_id not in ENTROPY_STRINGS:
-        raise BitstreamError(f"bitstream names entropy model id {entropy_id} (defined: 0 static, 1 hyperprior, 2 checkerboard)")
+        raise BitstreamError(f"bitstream names entropy model id {entropy_id} (defined: 0 static, 1 hyperprior, 2 checkerboard, 3 channel-checkerboard)")
     if not 1 <= c <= MAX_CHANNELS:
         raise BitstreamError(f"bitstream claims {c} latent channels (1..{MAX_CHANNELS} allowed)")
     if width < 1 or height < 1 or width * height > max_pixels:

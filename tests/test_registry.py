@@ -166,8 +166,10 @@ def test_entropy_auto_picks_the_weights_shipped_for_the_backbone(tmp_path, sampl
         registry.unregister_codec_weights("tiny-hyperprior-test")
     assert CodecSpec(backbone="tiny").resolved_entropy() == ("static", None)
     assert CodecSpec(backbone="tiny", entropy="hyperprior").resolved_entropy() == ("hyperprior", None)
-    # taesd-v1 ships both: auto takes the newest (the checkerboard), a named model its own weights
-    assert CodecSpec(backbone="taesd-v1").resolved_entropy() == ("checkerboard", "taesd-v1-hyperprior-v2")
+    # taesd-v1 ships three: auto takes the newest (the channel checkerboard), a named model its own weights
+    assert CodecSpec(backbone="taesd-v1").resolved_entropy() == ("channel-checkerboard", "taesd-v1-hyperprior-v3")
+    assert CodecSpec(backbone="taesd-v1", entropy="channel-checkerboard").resolved_entropy() == (
+        "channel-checkerboard", "taesd-v1-hyperprior-v3")
     assert CodecSpec(backbone="taesd-v1", entropy="hyperprior").resolved_entropy() == ("hyperprior", "taesd-v1-hyperprior")
     assert CodecSpec(backbone="taesd-v1", entropy="checkerboard").resolved_entropy() == (
         "checkerboard", "taesd-v1-hyperprior-v2")

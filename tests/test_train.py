@@ -201,9 +201,12 @@ def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_code
     assert x.shape == (2, 3, 32, 32) and z.shape == (2, 4, 4, 4)
 
 
-def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, tiny_latents, tmp_path):
-    """`--entropy-model checkerboard --init-weights DIR`: starts at exactly the hyperprior's rate (its
-    context correction is zero), trains, exports, and its 3-string records decode after a reload."""
+@pytest.mark.parametrize("model,strings", [("checkerboard", 3), ("channel-checkerboard", 5)])
+def test_context_models_warm_start_from_a_hyperprior_and_roundtrip(tiny_codec, tiny_latents, tmp_path, model, strings):
+    """`--entropy-model checkerboard|channel-checkerboard --init-weights DIR`: starts at exactly the
+    hyperprior's rate (its context corrections are zero), trains, exports, and its 3- or 5-string
+    records decode after a reload."""
+    from codec.bitstream import parse
     from codec import load_codec
     from codec.training import export_codec, initial_entropy
     from jobs.samples import sample_image
@@ -216,7 +219,7 @@ def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, t
         train_step(hp, opt, tiny_latents, step=s)
     export_codec(tiny_codec.backbone, hp, quantile_steps=50, default_t=40).save_pretrained(tmp_path / "hp")
 
-    cb_cfg = CodecTrainConfig(**{**cfg.to_dict(), "entropy_model": "checkerboard", "init_weights": str(tmp_path / "hp")})
+    cb_cfg = CodecTrainConfig(**{**cfg.to_dict(), "entropy_model": model, "init_weights": str(tmp_path / "hp")})
     cb = RateDistortion(tiny_codec.backbone, cb_cfg)
     y = torch.round(tiny_latents / 0.5)
     with torch.no_grad():  # eval: the side latent rounded, not noised
@@ -226,11 +229,12 @@ def test_checkerboard_warm_starts_from_a_hyperprior_and_roundtrips(tiny_codec, t
         train_step(cb, opt, tiny_latents, step=s)
     codec = export_codec(tiny_codec.backbone, cb, quantile_steps=50, default_t=40)
     codec.save_pretrained(tmp_path / "cb")
-    assert json.loads((tmp_path / "cb" / "codec_config.json").read_text())["entropy"] == "checkerboard"
+    assert json.loads((tmp_path / "cb" / "codec_config.json").read_text())["entropy"] == model
     img = sample_image(3, 64, 64)
     rec = codec.encode([img])[0]
+    assert len(parse(rec.data).strings) == strings
     again = load_codec("tiny", codec_weights=str(tmp_path / "cb"))
     assert again.fingerprint() == codec.fingerprint() and again.encode([img])[0].data == rec.data
     assert np.array_equal(again.decode([rec.data], steps=0)[0], codec.decode([rec.data], steps=0)[0])
     with pytest.raises(ValueError, match="widths"):
-        initial_entropy(CodecTrainConfig(entropy_model="checkerboard", hidden=16, init_weights=str(tmp_path / "hp")), 4)
+        initial_entropy(CodecTrainConfig(entropy_model=model, hidden=16, init_weights=str(tmp_path / "hp")), 4)
