@@ -126,6 +126,11 @@ class Spill:
         t = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
         if not t.num_rows:
             return
+        # a run holds at most run_rows (unless one table is larger): pages one row short of a
+        # divisor of run_rows (a listing page with an ignored file) would otherwise make every run
+        # a page longer and leave up to a run more rows buffered
+        if self.buffered and self.buffered + t.num_rows > self.run_rows:
+            self._flush()
         self.buf.append(t)
         self.buffered += t.num_rows
         self.num_rows += t.num_rows

@@ -100,8 +100,6 @@ def test_hyperprior_without_weights_is_a_clear_error():
 
 
 def test_other_model_is_refused(tiny_codec, sample_images):
-    from codec import load_codec
-
     other = untrained_hyperprior()
     data = other.encode([sample_images[0]], t=50)[0].data
     with pytest.raises(CodecError, match="hyperprior"):
@@ -113,8 +111,6 @@ def test_other_model_is_refused(tiny_codec, sample_images):
 
 
 def test_hyperprior_roundtrip(sample_images):
-    from codec import load_codec
-
     c = untrained_hyperprior()
     enc = c.encode(sample_images, t=50)
     dec = c.decode([e.data for e in enc], steps=0)

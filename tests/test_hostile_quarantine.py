@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.quarantine import AttemptLedger, QuarantinedError, guarded_decode
+from pipeline.quarantine import AttemptLedger, guarded_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = ["a", "b", "poison", "c", "d"]

@@ -30,10 +30,11 @@ def shuffled_keys(n: int, seed: int = 0) -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("fan_in,runs_left", [(32, 6), (3, 2), (2, 2)])
+@pytest.mark.parametrize("fan_in,runs_left", [(32, 9), (3, 1), (2, 2)])
 def test_spill_sorts_across_runs_and_removes_them(monkeypatch, fan_in, runs_left):
-    """Runs of 4500 rows (3 adds), 3000 rows left in memory; with a small fan-in, every `fan_in`
-    runs of a size are merged into one of the next (2: 6 runs -> sizes 4 + 2)."""
+    """Runs of 3000 rows (2 adds: a third would pass run_rows), 3000 rows left in memory; with a
+    small fan-in, every `fan_in` runs of a size are merged into one of the next (3: 9 runs -> 3
+    -> 1; 2: 9 runs -> sizes 8 + 1)."""
     monkeypatch.setattr(keyorder, "READ_ROWS", 1000)
     keys = shuffled_keys(30_000)
     sp = keyorder.Spill(LISTING_SCHEMA, "key", run_rows=4000, merge_rows=1000, fan_in=fan_in)
@@ -49,6 +50,21 @@ def test_spill_sorts_across_runs_and_removes_them(monkeypatch, fan_in, runs_left
     d = sp.dir
     sp.close()
     assert not os.path.exists(d)
+
+
+def test_spill_runs_never_pass_run_rows():
+    """Pages one row short of a divisor of run_rows (a listing page with one ignored file): every
+    run holds at most run_rows rows and at most a run's worth stays buffered, instead of runs a
+    page longer (which took the 200k-input listing's peak up by ~6 MB)."""
+    keys = shuffled_keys(5000)
+    sp = keyorder.Spill(LISTING_SCHEMA, "key", run_rows=400)
+    for i in range(0, len(keys), 99):
+        sp.add(listing(keys[i:i + 99]))
+        assert sp.buffered <= 400
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in sp.runs]
+    assert sizes == [396] * 12 and sp.buffered == 5000 - 12 * 396
+    assert [k for t in sp.sorted() for k in t.column("key").to_pylist()] == sorted(keys)
+    sp.close()
 
 
 def test_aligned_pairs_share_key_ranges():
