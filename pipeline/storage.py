@@ -84,6 +84,14 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+def absolute_local(url: str) -> str:
+    """A local path made absolute (Ray workers run in folders of their own, where a relative
+    path names nothing); URLs and "" are returned as they are."""
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def get_fs(url: str, opts: StorageOptions | None = None):
     """(fsspec filesystem, path inside it) for a URL or local path."""
     import fsspec

@@ -26,7 +26,7 @@ import os
 import posixpath
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from .raystart import init_ray
 from .sources import list_inputs, plan_shards, read_shard
-from .storage import StorageOptions, get_fs, is_local
+from .storage import StorageOptions, absolute_local, get_fs, is_local
 
 CHECKPOINT_FILE = "train_state.pt"
 
@@ -68,6 +68,17 @@ class TrainJob:
         if self.storage_path:
             return self.storage_path
         return self.out.rstrip("/") + "/checkpoints"
+
+    def with_absolute_paths(self) -> "TrainJob":
+        """The same job with its local paths absolute, as the workers need them (they do not run
+        in the driver's folder). URLs and the names of shipped weights stay as they are."""
+        def folder(p: str | None) -> str | None:  # a folder here, not a shipped name or hub id
+            return absolute_local(p) if p and os.path.isdir(p) else p
+
+        train = {**self.train, "init_weights": folder(self.train.get("init_weights"))} if self.train else {}
+        return replace(self, data=absolute_local(self.data), out=absolute_local(self.out), vae=folder(self.vae),
+                       latent_cache=self.latent_cache and absolute_local(self.latent_cache),
+                       storage_path=self.storage_path and absolute_local(self.storage_path), train=train)
 
 
 # ---------------------------------------------------------------- data
@@ -260,6 +271,7 @@ def train(job: TrainJob, opts: StorageOptions | None = None,
     if not job.data and not job.latent_cache:
         raise ValueError("give training images (DATA) or a --latent-cache")
     opts = opts or StorageOptions.from_env()
+    job = job.with_absolute_paths()
     init_ray()
     trainer = TorchTrainer(
         train_loop,

@@ -159,6 +159,23 @@ def test_ray_train_resume_and_export_roundtrip(ray_local, sample_dir, s3_server,
     assert dec.shape == load_image(img.read_bytes()).pixels.shape
 
 
+def test_train_job_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in folders of their own: `--latent-cache hp-cache` once failed there
+    with "no latent cache". Local paths become absolute; URLs, shipped names and hub ids do not."""
+    from pipeline.train import TrainJob
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w0").mkdir()
+    job = TrainJob(data="imgs", out="out", latent_cache="hp-cache", storage_path="s3://b/runs", vae="stabilityai/x",
+                   train={"init_weights": "w0", "lr": 1e-3}).with_absolute_paths()
+    assert (job.data, job.out, job.latent_cache) == tuple(str(tmp_path / p) for p in ("imgs", "out", "hp-cache"))
+    assert job.storage_path == "s3://b/runs" and job.vae == "stabilityai/x"
+    assert job.train == {"init_weights": str(tmp_path / "w0"), "lr": 1e-3}
+    shipped = TrainJob(data="", out="s3://b/w", train={"init_weights": "taesd-v1-hyperprior-v2"}).with_absolute_paths()
+    assert (shipped.data, shipped.out, shipped.latent_cache, shipped.train["init_weights"]) == (
+        "", "s3://b/w", None, "taesd-v1-hyperprior-v2")
+
+
 @pytest.mark.slow
 def test_latent_cache_job_and_batches(ray_local, sample_dir, tmp_path, tiny_codec):
     """The Ray Data cache job writes one float16 latent row per image; training batches read it."""
