@@ -190,3 +190,24 @@ def _env(threads: int) -> dict:
     repo = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+ENTROPY_V1 = Path(__file__).parent / "golden" / "entropy_v1"
+
+
+@pytest.mark.parametrize("entry", json.loads((ENTROPY_V1 / "index.json").read_text())["records"], ids=lambda e: e["name"])
+def test_shipped_entropy_weights_decode_their_golden_records(entry):
+    """Records written with each shipped entropy model of taesd-v1 (tests/golden/make_entropy_v1.py,
+    never regenerated) entropy-decode today to exactly the symbols their hash names, and the
+    weights found for the record are the ones it was written with (by codec fingerprint)."""
+    if not (registry.WEIGHTS_DIR / "taesd-v1" / registry.SUMS_FILE).is_file():
+        pytest.skip("taesd-v1 is not installed")
+    data = (ENTROPY_V1 / entry["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"]  # the fixture itself is untouched
+    rec = bitstream.parse(data)
+    assert (bitstream.ENTROPY_STRINGS[rec.entropy_id], len(rec.strings)) == (entry["strings"], entry["strings"])
+    codec = load_codec("taesd", codec_weights=entry["weights"])
+    assert codec.entropy.name == entry["entropy"] and rec.codec_fp == codec.fingerprint()[:8]
+    z = codec.decode_latent(rec)  # raises unless the decoded symbols match the record's hash
+    assert tuple(z.shape) == (4, rec.latent_h, rec.latent_w)
+    assert codec.decode([data], steps=0)[0].shape == (rec.height, rec.width, 3)
