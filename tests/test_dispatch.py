@@ -58,7 +58,9 @@ def test_pool_runs_on_the_actors_that_fit_and_asks_for_the_rest(ray_local):
     stays asked for (what an autoscaler would add a node for) and is released at the end."""
     ray = ray_local
     got = []
-    out = run_pool([{"i": i} for i in range(12)], SlowEcho, {}, min_size=1, max_size=3,
+    # 0.4 s an item (4.8 s on one actor): the first actor must not finish all 12 before the second
+    # has started (at 0.05 s it did once, on a loaded CI machine: ready 1)
+    out = run_pool([{"i": i} for i in range(12)], SlowEcho, {"delay_s": 0.4}, min_size=1, max_size=3,
                    remote_args={"num_cpus": 1.5, "max_restarts": 0}, start_timeout_s=120, on_result=got.append)
     assert out == {"actors": 3, "ready": 2}
     assert sorted(i for i, _ in got) == list(range(12)) and len({p for _, p in got}) == 2
