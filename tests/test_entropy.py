@@ -82,14 +82,7 @@ def test_compress_before_update_is_a_clear_error():
 def test_checkerboard_context_roundtrip_bit_exact():
     """With a non-zero context correction the second pass depends on the decoded anchors: the
     decoder must rebuild exactly the encoder's parameters from them."""
-    import torch
-
-    torch.manual_seed(3)
-    m = CheckerboardEntropyModel(4)
-    with torch.no_grad():
-        for p in m.refine.parameters():
-            p.normal_(0, 0.3)
-    m.update()
+    m = _with_random_corrections(CheckerboardEntropyModel, "refine", seed=3)
     for shape in [(4, 32, 32), (4, 13, 22)]:  # odd sizes: z is padded, the checkerboard is not
         y = _symbols(5, shape=shape)
         p = m.compress(y)
@@ -98,6 +91,20 @@ def test_checkerboard_context_roundtrip_bit_exact():
     assert anchor_mask(2, 3).tolist() == [[True, False, True], [False, True, False]]
     with pytest.raises(ValueError, match="3 strings"):
         m.decompress(type(p)(p.strings[:2]), y.shape)
+
+
+def _with_random_corrections(cls, attr: str, seed: int):
+    """A context model whose correction network `attr` has seeded non-zero weights (trained ones
+    start at zero, which would code as the hyperprior and test nothing), ready to code."""
+    import torch
+
+    torch.manual_seed(seed)
+    m = cls(4)
+    with torch.no_grad():
+        for p in getattr(m, attr).parameters():
+            p.normal_(0, 0.3)
+    m.update()
+    return m
 
 
 def _trained_bits(classes, latents) -> dict[str, int]:
@@ -141,18 +148,11 @@ def test_channel_checkerboard_passes_and_roundtrip_bit_exact():
     """Four passes (each channel group's anchors, then its rest) that tile the latent; with
     non-zero corrections every pass depends on all symbols decoded before it, and the decoder
     must rebuild exactly the encoder's parameters pass by pass."""
-    import torch
-
     masks = pass_masks(4, 3, 5, 2)
     assert len(masks) == 4 and np.array_equal(sum(m.astype(int) for m in masks), np.ones((4, 3, 5), int))
     assert masks[0][:2].sum() == masks[0].sum() and masks[0][0].tolist() == anchor_mask(3, 5).tolist()
     assert masks[3][2:].sum() == masks[3].sum() and masks[3][2].tolist() == (~anchor_mask(3, 5)).tolist()
-    torch.manual_seed(4)
-    m = ChannelCheckerboardEntropyModel(4)
-    with torch.no_grad():
-        for p in m.refines.parameters():
-            p.normal_(0, 0.3)
-    m.update()
+    m = _with_random_corrections(ChannelCheckerboardEntropyModel, "refines", seed=4)
     for shape in [(4, 32, 32), (4, 13, 22)]:
         y = _symbols(6, shape=shape)
         p = m.compress(y)
