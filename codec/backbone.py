@@ -43,6 +43,9 @@ class Backbone:
         scaling_factor: latent scale (1.0 for TAESD-style VAEs, whose latents are pre-scaled).
         name: a human-readable id (hub id, folder, "tiny", ...).
         vae_kind: "kl" for diffusers AutoencoderKL, "taesd" for a TAESD-style autoencoder.
+        default_steps: the decoder's DDIM budget when none is asked for (`DECODER_FILE` in the
+            snapshot; None: the codec's `DEFAULT_STEPS`). A UNet trained as a one-step denoiser
+            says 1. Not part of the fingerprint: records do not carry the step budget.
     """
 
     vae: nn.Module
@@ -55,6 +58,7 @@ class Backbone:
     vae_kind: str = "kl"
     latent_channels: int = 4
     pad_multiple: int = PAD_MULTIPLE
+    default_steps: int | None = None
     _fingerprint: bytes | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -134,6 +138,7 @@ class Backbone:
             name=id_or_dir,
             vae_kind="taesd" if taesd_vae else "kl",
             latent_channels=int(unet.config.in_channels),
+            default_steps=_decoder_steps(path / DECODER_FILE) if is_dir else None,
         )
 
     def with_vae(self, vae: nn.Module, kind: str = "taesd", scaling_factor: float = 1.0) -> "Backbone":
@@ -143,6 +148,7 @@ class Backbone:
             prediction_type=self.prediction_type, prompt_embeds=self.prompt_embeds,
             scaling_factor=scaling_factor, name=f"{self.name}+vae", vae_kind=kind,
             latent_channels=self.latent_channels, pad_multiple=self.pad_multiple,
+            default_steps=self.default_steps,
         )
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -163,6 +169,8 @@ class Backbone:
         self.unet.save_pretrained(out / "unet")
         sd_scheduler(self.prediction_type).save_pretrained(out / "scheduler")
         save_file({"prompt_embeds": self.prompt_embeds.contiguous()}, str(out / EMBED_FILE))
+        if self.default_steps is not None:
+            (out / DECODER_FILE).write_text(json.dumps({"default_steps": int(self.default_steps)}, indent=2) + "\n")
         (out / "model_index.json").write_text(json.dumps({
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
             "vae": vae_entry, "unet": ["diffusers", "UNet2DConditionModel"],
@@ -256,6 +264,20 @@ class Backbone:
 
 
 EMBED_FILE = "fcodec_empty_prompt.safetensors"
+DECODER_FILE = "fcodec_decoder.json"  # {"default_steps": K}: how this UNet is meant to be run
+
+
+def _decoder_steps(path: Path) -> int | None:
+    """A snapshot's default DDIM budget from its `DECODER_FILE`, or None when it has none."""
+    if not path.is_file():
+        return None
+    try:
+        steps = int(json.loads(path.read_text())["default_steps"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BackboneError(f"{path} is not a valid decoder file ({e}): expected {{\"default_steps\": K}}") from None
+    if steps < 0:
+        raise BackboneError(f"{path}: default_steps must be >= 0, got {steps}")
+    return steps
 
 
 def _is_taesd_folder(path: Path) -> bool:

@@ -37,7 +37,7 @@ def evaluate(backbone: Backbone, images: list[np.ndarray], ts: tuple[int, ...] =
     if default_t:
         enc = codec.encode(images)
         dec = codec.decode([e.data for e in enc])
-        res["default"] = {"t": enc[0].t, "steps": codec.config.steps,
+        res["default"] = {"t": enc[0].t, "steps": codec.decode_steps,
                           "bpp": float(np.mean([e.bpp for e in enc])),
                           "bpp_min": float(min(e.bpp for e in enc)), "bpp_max": float(max(e.bpp for e in enc)),
                           "psnr": float(np.mean([psnr(a, b) for a, b in zip(images, dec)]))}

@@ -54,7 +54,7 @@ class CodecConfig:
     t: int | None = None  # fixed t; None: estimator if trained, else target_bpp, else DEFAULT_T
     target_bpp: float | None = None
     lam: float = 1.0  # rate trade-off fed to the estimator
-    steps: int = DEFAULT_STEPS  # decoder DDIM budget
+    steps: int | None = None  # decoder DDIM budget; None: the backbone's default_steps, else DEFAULT_STEPS
     batch_size: int = 8
     # Network precision: auto (default: bfloat16 on a GPU, float32 on the CPU), float32, float64
     # ("exact") or bfloat16/float16. The entropy path is always float64 → integers on the CPU,
@@ -103,6 +103,14 @@ class DiffusionCodec:
         # were trained for (codec_config.json "default_t"), the static model uses DEFAULT_T.
         self.default_t = DEFAULT_T
         self._fp: bytes | None = None
+
+    @property
+    def decode_steps(self) -> int:
+        """The DDIM budget `decode` uses when none is given: the config's, else the backbone's
+        own (a one-step denoiser says 1), else `DEFAULT_STEPS`."""
+        if self.config.steps is not None:
+            return int(self.config.steps)
+        return int(self.backbone.default_steps if self.backbone.default_steps is not None else DEFAULT_STEPS)
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> bytes:
@@ -324,7 +332,7 @@ class DiffusionCodec:
         Each batch has `config.decode_seconds` of wall clock (checked in the range decoder and
         between UNet calls); past it its records fail with `DecodeBudgetError`.
         """
-        steps = self.config.steps if steps is None else int(steps)
+        steps = self.decode_steps if steps is None else int(steps)
         out: list = [None] * len(records)
         groups: dict[tuple[int, int, int], list[tuple[int, bs.Record]]] = {}
         for i, data in enumerate(records):

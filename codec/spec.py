@@ -51,7 +51,7 @@ class CodecSpec:
     target_bpp: float | None = _opt(None, "search t per image to meet X bits per pixel", DATASET, metavar="X",
                                     decode=False)
     steps: int | None = _opt(None, "decoder DDIM budget: at most K UNet calls from t to 0; 0 = no denoising "
-                             "(default 8)", metavar="K", encode=False)
+                             "(default: the backbone's own, e.g. 1 for taesd-v2, else 8)", metavar="K", encode=False)
     device: str | None = _opt(None, "torch device for the networks (default: cuda if available, else cpu)")
     precision: str = _opt("auto", "network precision; auto = bfloat16 on a GPU, float32 on the CPU; exact (float64) "
                           "makes decoded pixels identical across batch sizes and thread counts", choices=PRECISION_CHOICES)

@@ -46,6 +46,31 @@ def test_sd_layout_roundtrip_same_fingerprint_and_pixels(tmp_path, sample_images
     assert np.array_equal(xa.decode([data], steps=2)[0], xb.decode([data], steps=2)[0])
 
 
+def test_snapshot_default_steps_is_the_decoders_budget_unless_one_is_given(tmp_path, sample_images):
+    """A snapshot's `fcodec_decoder.json` sets how many DDIM steps its codecs run by default
+    (taesd-v2 says 1); without one it is the codec's 8; a given budget always wins; the
+    fingerprint ignores it (records do not carry the step budget); a bad file is a clear error."""
+    from codec.backbone import DECODER_FILE
+    from codec.model import DEFAULT_STEPS, CodecConfig
+
+    tiny = Backbone.tiny(0)
+    tiny.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / DECODER_FILE).exists()
+    tiny.default_steps = 2
+    tiny.save_pretrained(tmp_path / "two")
+    plain, two = load_backbone(str(tmp_path / "plain")), load_backbone(str(tmp_path / "two"))
+    assert (plain.default_steps, two.default_steps) == (None, 2) and plain.fingerprint() == two.fingerprint()
+    assert DiffusionCodec(plain).decode_steps == DEFAULT_STEPS == 8
+    assert DiffusionCodec(two).decode_steps == 2
+    assert DiffusionCodec(two, config=CodecConfig(steps=0)).decode_steps == 0
+    codec = DiffusionCodec(two)
+    data = codec.encode([sample_images[0]], t=40)[0].data
+    assert np.array_equal(codec.decode([data])[0], codec.decode([data], steps=2)[0])
+    (tmp_path / "two" / DECODER_FILE).write_text('{"steps": 1}')
+    with pytest.raises(BackboneError, match="default_steps"):
+        load_backbone(str(tmp_path / "two"))
+
+
 def test_empty_prompt_from_text_encoder_is_computed_once_and_cached(tmp_path):
     snap = tmp_path / "sd"
     Backbone.tiny(0).save_pretrained(snap)
