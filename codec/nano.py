@@ -78,6 +78,16 @@ class BackboneTrainConfig:
     # checkpoint to fit a shared CPU's time budget; these reproduce it exactly).
     vae_stop_at: int | None = None
     unet_stop_at: int | None = None
+    # Pixel fine-tuning of a TAESD backbone's UNet (`finetune_denoiser`): one DDIM step from the
+    # codec's real quantization at t ~ U[pixel_t_min, pixel_t_max], decoded by the frozen TAESD,
+    # against the photo crop: 1 − MS-SSIM + pixel_mse_weight · MSE (pixels in [0, 1]).
+    pixel_steps: int = 400
+    pixel_batch: int = 8
+    pixel_crop: int = 192  # pixels; MS-SSIM's 5 scales need > 160
+    pixel_lr: float = 2e-4
+    pixel_t_min: int = 15
+    pixel_t_max: int = 100
+    pixel_mse_weight: float = 10.0
 
 
 def empty_prompt(dim: int, seed: int = 0):

@@ -6,6 +6,8 @@
     fcodec train-backbone ... --eval ../shared/data/usc_sipi                   # + held-out numbers
     fcodec train-backbone --data ../shared/data/photos --vae ../shared/models/taesd --max-side 1024 \
         --out taesd-out                                                        # UNet on frozen TAESD
+    fcodec train-backbone --data ../shared/data/photos --finetune taesd-v1 --max-side 1024 \
+        --out taesd-v2-out                                                     # its UNet, judged in pixels
 
 The output folder is a diffusers SD snapshot (`--backbone nano-out` loads it); the committed
 `codec/weights/nano-v1/` was made this way (see its MODEL_CARD.md for the exact command).
@@ -30,6 +32,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="a TAESD folder: keep it frozen as the VAE and train only the UNet on its latents "
                         "(the SD latent space; the snapshot ships the TAESD weights and licence)")
+    p.add_argument("--finetune", default=None, metavar="BACKBONE",
+                   help="a TAESD backbone (taesd-v1, or a `--vae` output folder): fine-tune its UNet as a one-step "
+                        "denoiser scored in pixels through the frozen TAESD decoder (1 − MS-SSIM + MSE); "
+                        "the snapshot decodes with 1 step by default (how taesd-v2 was made)")
     p.add_argument("--max-side", type=int, default=d.max_side, metavar="PX",
                    help="downscale training photos to this longer side first (default: as they are)")
     p.add_argument("--stage", choices=["all", "vae", "unet"], default="all",
@@ -45,6 +51,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--unet-stop-at", type=int, default=None, metavar="N", help="stop the UNet after N steps of its --unet-steps schedule")
     p.add_argument("--colour-weight", type=float, default=d.colour_weight,
                    help="weight of each crop's mean-colour error beside the per-pixel MSE in VAE training (default: %(default)s)")
+    p.add_argument("--pixel-steps", type=int, default=d.pixel_steps, help="--finetune: steps (default: %(default)s)")
+    p.add_argument("--pixel-batch", type=int, default=d.pixel_batch, help="--finetune: crops per step (default: %(default)s)")
+    p.add_argument("--pixel-crop", type=int, default=d.pixel_crop,
+                   help="--finetune: crop side in pixels, > 160 for MS-SSIM (default: %(default)s)")
+    p.add_argument("--pixel-lr", type=float, default=d.pixel_lr, help="--finetune: Adam rate (default: %(default)s)")
     p.add_argument("--t-max", type=int, default=d.t_max, help="largest diffusion step trained (default: %(default)s)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=d.prediction_type)
     p.add_argument("--small", action="store_true", help="tiny model sizes (smoke tests)")
@@ -66,9 +77,21 @@ def run(args: argparse.Namespace) -> int:
                       unet_steps=args.unet_steps, unet_batch=args.unet_batch, unet_crop=args.unet_crop,
                       t_max=args.t_max, prediction_type=args.prediction_type, small=args.small,
                       log_every=args.log_every, vae_stop_at=args.vae_stop_at, unet_stop_at=args.unet_stop_at,
-                      max_side=args.max_side, colour_weight=args.colour_weight)
+                      max_side=args.max_side, colour_weight=args.colour_weight, pixel_steps=args.pixel_steps,
+                      pixel_batch=args.pixel_batch, pixel_crop=args.pixel_crop, pixel_lr=args.pixel_lr)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    if args.vae:
+    if args.finetune:
+        if args.vae or args.stage != "all":
+            raise ValueError("--finetune trains only the given backbone's UNet: drop --vae and --stage")
+        from codec.registry import lookup
+        from codec.train_backbone import finetune_denoiser
+
+        found = lookup(args.finetune)
+        src = found.path if found is not None and found.path is not None else Path(args.finetune)
+        if not (src / "model_index.json").is_file():
+            raise ValueError(f"--finetune {args.finetune}: not a built-in TAESD backbone or a snapshot folder")
+        out = finetune_denoiser(src, args.data, args.out, cfg, log=log)
+    elif args.vae:
         if args.stage == "vae":
             raise ValueError("--vae DIR keeps that autoencoder frozen: there is no VAE stage to run")
         from codec.train_backbone import train_denoiser
