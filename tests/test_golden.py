@@ -192,21 +192,33 @@ def _env(threads: int) -> dict:
             "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-ENTROPY_V1 = Path(__file__).parent / "golden" / "entropy_v1"
+ENTROPY_GOLDEN = [Path(__file__).parent / "golden" / d for d in ("entropy_v1", "entropy_v2")]
 
 
-@pytest.mark.parametrize("entry", json.loads((ENTROPY_V1 / "index.json").read_text())["records"], ids=lambda e: e["name"])
+def _entropy_records() -> list[dict]:
+    # entropy_v1: taesd-v1 with its three entropy models; entropy_v2: taesd-v2 (make_entropy_v2.py)
+    return [dict(e, folder=str(d), backbone=e.get("backbone", "taesd-v1"))
+            for d in ENTROPY_GOLDEN for e in json.loads((d / "index.json").read_text())["records"]]
+
+
+@pytest.mark.parametrize("entry", _entropy_records(), ids=lambda e: f"{e['backbone']}:{e['name']}")
 def test_shipped_entropy_weights_decode_their_golden_records(entry):
-    """Records written with each shipped entropy model of taesd-v1 (tests/golden/make_entropy_v1.py,
-    never regenerated) entropy-decode today to exactly the symbols their hash names, and the
-    weights found for the record are the ones it was written with (by codec fingerprint)."""
-    if not (registry.WEIGHTS_DIR / "taesd-v1" / registry.SUMS_FILE).is_file():
-        pytest.skip("taesd-v1 is not installed")
-    data = (ENTROPY_V1 / entry["file"]).read_bytes()
+    """Records written with each shipped entropy model of taesd-v1 and taesd-v2
+    (tests/golden/make_entropy_v*.py, never regenerated) entropy-decode today to exactly the
+    symbols their hash names, and the backbone and weights found for the record are the ones it
+    was written with (by fingerprint)."""
+    if not (registry.WEIGHTS_DIR / entry["backbone"] / registry.SUMS_FILE).is_file():
+        pytest.skip(f"{entry['backbone']} is not installed")
+    data = (Path(entry["folder"]) / entry["file"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == entry["sha256"]  # the fixture itself is untouched
     rec = bitstream.parse(data)
     assert (bitstream.ENTROPY_STRINGS[rec.entropy_id], len(rec.strings)) == (entry["strings"], entry["strings"])
-    codec = load_codec("taesd", codec_weights=entry["weights"])
+    # What the record names picks its models, whatever the default backbone is now (taesd-v2)
+    from codec.resolve import options_for_record
+
+    opts = options_for_record(data)
+    assert opts["backbone"] == entry["backbone"] and Path(opts["codec_weights"]).name == entry["weights"]
+    codec = load_codec(**opts)
     assert codec.entropy.name == entry["entropy"] and rec.codec_fp == codec.fingerprint()[:8]
     z = codec.decode_latent(rec)  # raises unless the decoded symbols match the record's hash
     assert tuple(z.shape) == (4, rec.latent_h, rec.latent_w)

@@ -173,6 +173,14 @@ def test_entropy_auto_picks_the_weights_shipped_for_the_backbone(tmp_path, sampl
     assert CodecSpec(backbone="taesd-v1", entropy="hyperprior").resolved_entropy() == ("hyperprior", "taesd-v1-hyperprior")
     assert CodecSpec(backbone="taesd-v1", entropy="checkerboard").resolved_entropy() == (
         "checkerboard", "taesd-v1-hyperprior-v2")
+    # taesd-v2 (the default; same VAE) ships v3's weights re-bound to it, and only those
+    assert CodecSpec().resolved_entropy() == CodecSpec(backbone="taesd-v2").resolved_entropy() == (
+        "channel-checkerboard", "taesd-v2-hyperprior-v3")
+    assert CodecSpec(backbone="taesd-v2", entropy="hyperprior").resolved_entropy() == ("hyperprior", None)
+    v1w, v2w = (registry.default_codec_weights(registry.lookup(b).fingerprint) for b in ("taesd-v1", "taesd-v2"))
+    assert v1w.codec_fingerprint == v2w.codec_fingerprint and v1w.backbone_fingerprint != v2w.backbone_fingerprint
+    assert registry.codec_for_fingerprint(v1w.codec_fingerprint, v2w.backbone_fingerprint).name == "taesd-v2-hyperprior-v3"
+    assert registry.codec_for_fingerprint(v1w.codec_fingerprint, v1w.backbone_fingerprint).name == "taesd-v1-hyperprior-v3"
 
 
 def test_record_with_a_vae_finds_its_builtin(taesd_dir):

@@ -39,7 +39,7 @@ def main() -> None:
     (OUT / "records").mkdir(parents=True)
     records = []
     for w in WEIGHTS:
-        codec = load_codec("taesd", codec_weights=w)
+        codec = load_codec("taesd-v1", codec_weights=w)  # "taesd" when it was run (taesd-v1 was the newest)
         for seed, (h, wd) in ((1, (128, 192)), (2, (72, 104))):
             data = codec.encode([sample_image(seed, h, wd)], t=40)[0].data
             rec = bitstream.parse(data)
