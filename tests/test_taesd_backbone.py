@@ -169,6 +169,7 @@ def test_taesd_default_beats_no_denoising_and_keeps_colour_on_held_out_kodak(kod
     assert p_den > p_raw + 0.3
     assert p_den > 21.0
     assert colour < 5.0
+    assert m_den > 0.82  # the 0.85 is for all of Kodak (0.853 there); these crops measure 0.857
     assert p_den > p_v1 + V2_GAIN_DB and m_den > m_v1 + V2_GAIN_MSSSIM
 
 
