@@ -231,8 +231,6 @@ def train_denoiser(data_dir: str | Path, vae_dir: str | Path, out_dir: str | Pat
     SD UNet would see; with the paper's noise-matched quantization this is its decoder in SD's
     latent space, at the size a CPU can train.
     """
-    import shutil
-
     from .taesd import TinyAutoencoder
 
     out = Path(out_dir)
@@ -247,10 +245,18 @@ def train_denoiser(data_dir: str | Path, vae_dir: str | Path, out_dir: str | Pat
     log(f"unet done in {time.time() - t0:.0f}s")
     bb = make_backbone(vae, unet, prompt, 1.0, cfg.prediction_type, vae_kind="taesd")
     save_backbone(bb, out)
-    licence = Path(vae_dir) / "LICENSE.taesd.txt"
-    if licence.is_file():  # MIT: the notice travels with the weights
-        shutil.copyfile(licence, out / "vae" / licence.name)
+    copy_taesd_licence(Path(vae_dir), out)
     return out
+
+
+def copy_taesd_licence(vae_dir: Path, out: Path) -> None:
+    """TAESD is MIT: its notice travels with the weights into the snapshot's vae/ (when the
+    source folder has it)."""
+    import shutil
+
+    licence = vae_dir / "LICENSE.taesd.txt"
+    if licence.is_file():
+        shutil.copyfile(licence, out / "vae" / licence.name)
 
 
 # ------------------------------------------------------------------ pixel fine-tuning (taesd-v2)
@@ -268,11 +274,10 @@ def finetune_denoiser(source_dir: str | Path, data_dir: str | Path, out_dir: str
     `default_steps = 1` (`codec.backbone.DECODER_FILE`): the one step it was trained for.
     `source_dir` is the starting snapshot (a `train-backbone --vae` output, or taesd-v1's folder).
     """
-    import shutil
-
     from pytorch_msssim import ms_ssim
 
     from .backbone import Backbone
+    from .training import decode_with_grad, one_step_x0
 
     backbone = Backbone.from_pretrained(str(source_dir))
     if backbone.vae_kind != "taesd":
@@ -291,7 +296,6 @@ def finetune_denoiser(source_dir: str | Path, data_dir: str | Path, out_dir: str
     backbone.set_channels_last(True)  # oneDNN's faster layout on the CPU (~25% per step here); values unchanged
     vae, unet = backbone.vae.float().requires_grad_(False), backbone.unet.float().train().requires_grad_(True)
     ac = backbone.alphas_cumprod.float()
-    ehs = backbone.prompt_embeds.float().expand(cfg.pixel_batch, -1, -1)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.pixel_lr)
     t0, run = time.time(), None
     for step in range(cfg.pixel_steps):
@@ -299,13 +303,8 @@ def finetune_denoiser(source_dir: str | Path, data_dir: str | Path, out_dir: str
         with torch.no_grad():
             z = vae.encode(x)
         t = torch.randint(cfg.pixel_t_min, cfg.pixel_t_max + 1, (x.shape[0],), generator=gen)
-        a = ac[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * quantize_like_codec(z, t, ac, gen)
-        if backbone.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x_t - (1 - a).sqrt() * unet(x_t, t, encoder_hidden_states=ehs).sample
-        else:
-            x0 = (x_t - (1 - a).sqrt() * unet(x_t, t, encoder_hidden_states=ehs).sample) / a.sqrt()
-        y = (vae.decode(x0).clamp(-1, 1) + 1) / 2
+        x0 = one_step_x0(backbone, quantize_like_codec(z, t, ac, gen), ac[t].view(-1, 1, 1, 1), t)
+        y = (decode_with_grad(backbone, x0).clamp(-1, 1) + 1) / 2
         ref = (x + 1) / 2
         loss = 1 - ms_ssim(y, ref, data_range=1.0) + cfg.pixel_mse_weight * F.mse_loss(y, ref)
         _train_step(opt, loss, unet, _lr(step, cfg.pixel_steps, cfg.pixel_lr, warmup=20))
@@ -317,8 +316,6 @@ def finetune_denoiser(source_dir: str | Path, data_dir: str | Path, out_dir: str
     bb = make_backbone(vae, unet, backbone.prompt_embeds, 1.0, backbone.prediction_type, vae_kind="taesd")
     bb.default_steps = 1
     save_backbone(bb, out)
-    licence = Path(source_dir) / "vae" / "LICENSE.taesd.txt"
-    if licence.is_file():  # MIT: the notice travels with the weights
-        shutil.copyfile(licence, out / "vae" / licence.name)
+    copy_taesd_licence(Path(source_dir) / "vae", out)
     log(f"pixel fine-tuning done in {time.time() - t0:.0f}s")
     return out

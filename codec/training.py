@@ -171,7 +171,8 @@ def initial_entropy(config: CodecTrainConfig, channels: int) -> nn.Module:
 
 
 def one_step_x0(backbone, z_tilde: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x̂₀ from x_t = √ᾱ ẑ with one UNet call, differentiable in ẑ and ᾱ (the UNet stays frozen)."""
+    """x̂₀ from x_t = √ᾱ ẑ with one UNet call, differentiable in ẑ and ᾱ (and in the UNet's
+    weights where they require grad: `train_backbone.finetune_denoiser` tunes them through it)."""
     x_t = ab.sqrt() * z_tilde
     b = x_t.shape[0]
     ehs = backbone.prompt_embeds.expand(b, -1, -1).to(x_t.device, x_t.dtype)
