@@ -91,3 +91,20 @@ def shutdown_if_started() -> None:
 
         ray.shutdown()
         _STARTED = False  # a private local Ray started by init_ray (not a cluster joined)
+
+
+def local_cluster(temp_dir: str, head_cpus: int = 1):
+    """A multi-node Ray on this machine (`ray.cluster_utils.Cluster`) for simulations and fault
+    tests: a head with `head_cpus` CPUs and no GPU, its session files under `temp_dir` (short:
+    Ray's socket paths have a length limit). Add nodes with `.add_node(...)`.
+
+    Cluster writes the head's address to `<system tmp>/ray/ray_current_cluster` whatever
+    `temp_dir` says, and fails with FileNotFoundError where that folder does not exist yet (a
+    fresh machine on which no Ray has run with its default temp dir), so it is made first."""
+    quiet_local_environment()
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+    return Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "num_gpus": 0,
+                                                         "include_dashboard": False, "temp_dir": temp_dir})

@@ -156,10 +156,9 @@ def run_once(k: int, n_inputs: int, latency_ms: float, batch: int, workdir: str 
              shard_size: int = 256, node_cpus: float = 1.0, io_threads: int = 2) -> dict:
     """One compress run on a fresh K-node simulated cluster, in this process (see module doc)."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from .catalog import Books
-    from .raystart import quiet_local_environment, quiet_ray_data
+    from .raystart import local_cluster, quiet_local_environment, quiet_ray_data
     from .run import JobConfig, compress
     from .storage import get_fs
 
@@ -169,8 +168,7 @@ def run_once(k: int, n_inputs: int, latency_ms: float, batch: int, workdir: str 
     dst = workdir / f"out-k{k}-{os.getpid()}"
     shutil.rmtree(dst, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix="rsim-", dir="/tmp"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
-                                                            "temp_dir": str(tmp)})
+    cluster = local_cluster(str(tmp))
     try:
         for _ in range(k):
             cluster.add_node(num_cpus=node_cpus, num_gpus=1)

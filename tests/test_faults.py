@@ -18,6 +18,7 @@ import pytest
 
 from pipeline import storage as st
 from pipeline.catalog import read_dataset
+from pipeline.raystart import local_cluster
 from pipeline.run import JobConfig, compress
 from pipeline.verify import verify_dataset
 from test_pipeline import make_corrupt, make_images
@@ -50,14 +51,12 @@ def test_worker_node_removed_mid_job_every_input_once(tmp_path):
     the lost tasks; the dataset is whole and holds each key exactly once."""
     import ray
     import ray._private.state as ray_state
-    from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # the shared local Ray restarts for later tests
     src, dst = tmp_path / "src", tmp_path / "dst"
     expected = make_images(src, 64, seed=11)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
-                                                            "temp_dir": f"/tmp/rayf-{os.getpid()}"})
+    cluster = local_cluster(f"/tmp/rayf-{os.getpid()}")
     nodes = [cluster.add_node(num_cpus=2, num_gpus=0) for _ in range(2)]
     removed: dict = {}
 

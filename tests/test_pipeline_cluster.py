@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline import storage as st
 from pipeline.catalog import Books, part_record, read_dataset
+from pipeline.raystart import local_cluster
 from pipeline.rows import output_key
 from pipeline.run import JobConfig, compress, decompress
 from pipeline.schema import BITSTREAM_SCHEMA
@@ -108,14 +109,12 @@ def test_killed_job_then_rerun_has_each_key_once(tmp_path, ray_local):
 @pytest.mark.slow
 def test_two_nodes_one_actor_per_gpu_model_loaded_once(tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # the shared local Ray restarts for later tests
     src, dst = tmp_path / "src", tmp_path / "dst"
     expected = make_images(src, 48, seed=7)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
-                                                            "temp_dir": str(Path("/tmp") / f"rayc-{os.getpid()}")})
+    cluster = local_cluster(str(Path("/tmp") / f"rayc-{os.getpid()}"))
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         for dev in ("0", "1"):  # two machines, each exposing one (different) GPU
@@ -147,3 +146,24 @@ def test_two_nodes_one_actor_per_gpu_model_loaded_once(tmp_path):
     writers = {part_record(fs, str(p)).writer for p in dst.glob("part-*.parquet")}
     assert writers == set(workers) and all(int(w.split(":")[2]) != os.getpid() for w in writers)
     assert len({w.split(":")[1] for w in writers}) == 2
+
+
+@pytest.mark.slow
+def test_local_cluster_starts_where_no_ray_ran_before(tmp_path, monkeypatch):
+    """A fresh machine has no `<tmp>/ray`: ray.cluster_utils.Cluster alone then fails writing its
+    address file there (FileNotFoundError, seen on CI). local_cluster makes the folder first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the shared local Ray restarts for later tests
+    fresh = tmp_path / "never-used"
+    monkeypatch.setenv("RAY_TMPDIR", str(fresh))  # where Ray looks for <tmp>/ray
+    cluster = local_cluster(str(Path("/tmp") / f"rayn-{os.getpid()}"))
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=0)
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert sum(1 for n in ray.nodes() if n["Alive"]) == 2
+        assert (fresh / "ray" / "ray_current_cluster").read_text() == cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
