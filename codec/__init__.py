@@ -92,9 +92,12 @@ def load_codec(backbone: str = "tiny", vae: str | None = None, entropy: str = "s
         # An untrained hyperprior is a random initialisation: its fingerprint would differ in every
         # process, so records would encode fine and never decode anywhere else.
         from .model import CodecError
+        from .registry import shipped_entropy_text
 
-        raise CodecError(f"--entropy {entropy} needs trained codec weights: pass --codec-weights DIR "
-                         "(a folder written by `fcodec train`), or use --entropy static")
+        raise CodecError(f"--entropy {entropy} needs trained codec weights, and none of that model ship for "
+                         f"backbone {backbone!r} (shipped {entropy} weights: {shipped_entropy_text(entropy)}). "
+                         "Pass --codec-weights DIR (a folder written by `fcodec train`), --entropy auto "
+                         "(the backbone's shipped weights, if any), or --entropy static")
     bb = load_backbone(backbone, vae, device)
     config = config or CodecConfig()
     if codec_weights:

@@ -236,6 +236,15 @@ def known_backbones_text() -> str:
                      for b in backbones())
 
 
+def shipped_entropy_text(entropy: str) -> str:
+    """Which built-in backbones ship weights of a learned entropy model, for error messages:
+    "taesd-v1 (taesd-v1-hyperprior)", or "none"."""
+    names = {b.fingerprint: b.name for b in backbones()}
+    found = [f"{names[c.backbone_fingerprint]} ({c.name})" for c in codec_weights()
+             if c.entropy == entropy and c.backbone_fingerprint in names]
+    return ", ".join(found) or "none"
+
+
 def resolve_backbone(fp: bytes | str) -> BuiltinBackbone:
     """The built-in backbone for a record's fingerprint; the error lists the known ones."""
     fp = fp.hex() if isinstance(fp, bytes) else fp
@@ -271,4 +280,5 @@ __all__ = [
     "codec_weights", "known_backbones_text", "lookup", "newest", "register_backbone",
     "register_codec_weights", "resolve_backbone", "resolve_codec_weights", "unregister_backbone",
     "unregister_codec_weights", "write_weight_sums", "codec_weights_path", "weights_entropy", "default_codec_weights",
+    "shipped_entropy_text",
 ]

@@ -39,10 +39,20 @@ class ShardWorker:
     def __init__(self, worker_cls: type, kwargs: dict, named: dict[str, str] | None = None) -> None:
         import ray
 
-        self.worker = worker_cls(**kwargs, **{k: ray.get_actor(v) for k, v in (named or {}).items()})
+        # A constructor that raises reaches the driver as an ActorDiedError whose message is Ray's
+        # traceback text (the original exception is not kept), so a missing model would read as
+        # "the actor died". The error is kept and raised by ready(), whose task error carries it.
+        self.worker, self.start_error = None, None
+        try:
+            self.worker = worker_cls(**kwargs, **{k: ray.get_actor(v) for k, v in (named or {}).items()})
+        except Exception as e:  # noqa: BLE001 - re-raised, unchanged, by ready()
+            self.start_error = e
 
     def ready(self) -> bool:
-        """Returns once the constructor has finished (calls run after it, in order)."""
+        """Returns once the constructor has finished (calls run after it, in order); raises the
+        constructor's error if it failed."""
+        if self.start_error is not None:
+            raise self.start_error
         return True
 
     def run(self, item: dict) -> Any:
@@ -103,7 +113,7 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
             for ref in done:
                 if ref in pings:
                     i = pings.pop(ref)
-                    ray.get(ref)  # a worker that cannot start (its codec fails to load) raises here
+                    _get_start(ref)  # a worker that cannot start (its codec fails to load) raises here
                     ready.append(i)
                 else:
                     load[inflight.pop(ref)] -= 1
@@ -115,6 +125,22 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
         for a in actors:
             ray.kill(a, no_restart=True)
     return {"actors": n, "ready": len(ready)}
+
+
+def _get_start(ref: Any) -> None:
+    """Wait for a worker's start; its constructor's error is raised as itself (a BackboneError
+    that says how to point at a local snapshot, a CodecError naming the option), not as Ray's
+    wrapper whose first line is `ray::ShardWorker.ready()`."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        ray.get(ref)
+    except RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, Exception) and not isinstance(cause, RayTaskError):
+            raise cause from None
+        raise
 
 
 def _asked(opts: dict) -> str:

@@ -95,8 +95,13 @@ def untrained_hyperprior():
 def test_hyperprior_without_weights_is_a_clear_error():
     from codec import load_codec
 
-    with pytest.raises(CodecError, match="needs trained codec weights"):
+    with pytest.raises(CodecError, match="needs trained codec weights") as err:
         load_codec("tiny", entropy="hyperprior")
+    # it says where that model does ship, and the way out with this backbone
+    assert "backbone 'tiny'" in str(err.value) and "taesd-v1 (taesd-v1-hyperprior)" in str(err.value)
+    assert "--entropy auto" in str(err.value) and "--entropy static" in str(err.value)
+    with pytest.raises(CodecError, match=r"checkerboard weights: taesd-v1 \(taesd-v1-hyperprior-v2\)"):
+        load_codec("tiny", entropy="checkerboard")
 
 
 def test_other_model_is_refused(tiny_codec, sample_images):
