@@ -92,3 +92,17 @@ def test_help_lists_options():
     assert rc == 0 and all(o in out for o in ("--backbone", "--vae", "--entropy", "--codec-weights", "--t", "--target-bpp"))
     rc, out, _ = fcodec("decode", "--help")
     assert rc == 0 and "--steps" in out
+
+
+@pytest.mark.slow
+def test_dataset_job_with_a_missing_model_says_how_to_point_at_a_snapshot(files, tmp_path):
+    """The codec loads inside the Ray actors; its error reaches the user as itself, one line
+    (it once read 'ActorDiedError: The actor died because of an error raised in its creation task')."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "img.png").write_bytes((files / "img.png").read_bytes())
+    rc, _, err = fcodec("compress", str(src), str(tmp_path / "dst"), "--backbone", str(tmp_path / "no-snapshot"),
+                        "--workers", "1", "--no-progress")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("fcodec: error: backbone folder"), err
+    assert "--backbone DIR" in lines[0] and "huggingface-cli download" in lines[0] and "Actor" not in lines[0]
