@@ -27,7 +27,9 @@ from .layout import TMP
 # request, with connect/read timeouts. A refused endpoint is retried for about 75 s on average
 # (backoff capped at 20 s a try); the worst case, an endpoint that accepts and then stalls, is
 # bounded by attempts x (connect + read timeout) + backoff, about 6 minutes. s3fs's own retry
-# loop is set to a single pass, so retries are never stacked.
+# loop is set to a single pass, so retries are never stacked. botocore's policy ends where a
+# response's headers arrive: a connection cut while the body streams is not retried there, so
+# `clear_errors` sends such a read again once (through the whole policy again).
 S3_MAX_ATTEMPTS = 10
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 20
@@ -146,16 +148,38 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         clear_errors(lambda: _put_whole(fs, path, lambda f: f.write(data)), f"write {full_url(fs, path)}")
 
 
+# A response cut while its body streams (the store went away mid-transfer): aiohttp's and
+# urllib3's names for it, matched by name so that local-only installs need neither package.
+BODY_CUT_ERRORS = frozenset({"ClientPayloadError", "ContentLengthError", "IncompleteRead"})
+
+
+def is_body_cut(e: BaseException) -> bool:
+    """True when `e`, or an exception it was raised from, is a response body cut mid-transfer."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if type(e).__name__ in BODY_CUT_ERRORS:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def clear_errors(fn, what: str):
     """Call fn(); an object-store failure that outlived the retry policy becomes one OSError that
-    says what failed and what to do (permission and not-found errors pass as they are)."""
-    try:
-        return fn()
-    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
-        raise OSError(f"could not {what} after {S3_MAX_ATTEMPTS} attempts ({type(e).__name__}: {e}); "
-                      f"is the object store reachable? Rerun the job to resume") from e
+    says what failed and what to do (permission and not-found errors, and data errors such as a
+    corrupt Parquet file's ArrowInvalid, a ValueError, pass as they are). A body
+    cut mid-transfer, which botocore never sees, is tried once more: fn must be safe to repeat
+    (a whole read, or a whole-object PUT)."""
+    for last in (False, True):
+        try:
+            return fn()
+        except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not all OSErrors
+            if not last and is_body_cut(e):
+                continue
+            raise OSError(f"could not {what} after {S3_MAX_ATTEMPTS} attempts ({type(e).__name__}: {e}); "
+                          f"is the object store reachable? Rerun the job to resume") from e
 
 
 def _replace_atomically(tmp: str, final: str, write) -> None:

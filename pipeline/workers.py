@@ -255,8 +255,13 @@ class ShardEncoder:
 
     def _carried(self, carry: dict) -> pa.Table:
         """Rows of an old part this shard keeps (all but those it re-encodes or drops)."""
-        with self.fs.open(join(self.root, carry["file"]), "rb") as f:
-            t = pq.read_table(f).replace_schema_metadata(None)
+        path = join(self.root, carry["file"])
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f).replace_schema_metadata(None)
+
+        t = clear_errors(read, f"read {full_url(self.fs, path)}")
         if SIDECARS_FIELD.name not in t.column_names:  # a layout-1 part
             t = t.append_column(SIDECARS_FIELD, pa.nulls(t.num_rows, SIDECARS_FIELD.type))
         drop = carry.get("drop_keys") or []

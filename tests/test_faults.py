@@ -108,7 +108,16 @@ class PausableProxy:
         self.target, self.port = target_port, _free_port()
         self.conns: set[socket.socket] = set()
         self.lock = threading.Lock()
+        self.cut_after: float | None = None  # armed by cut_next_body
+        self.victims: set[socket.socket] = set()
+        self.cuts = 0
         self.up()
+
+    def cut_next_body(self, down_for: float) -> None:
+        """The next ranged GET's response is cut after its headers and 100 bytes of body (the
+        client has its response and fails reading the body), then the endpoint is down for
+        `down_for` seconds: the store going away mid-transfer."""
+        self.cut_after = down_for
 
     @property
     def url(self) -> str:
@@ -146,7 +155,7 @@ class PausableProxy:
             with self.lock:
                 self.conns |= {c, u}
             for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, a is u), daemon=True).start()
 
     @staticmethod
     def _close(s: socket.socket) -> None:
@@ -156,9 +165,24 @@ class PausableProxy:
             pass
         s.close()
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, upstream: bool) -> None:
+        head = b""  # a victim response so far
         try:
             while data := a.recv(65536):
+                if not upstream and self.cut_after is not None and data.startswith(b"GET ") and b"\nrange: " in data.lower():
+                    self.victims.add(b)  # its answer comes back from b
+                if upstream and a in self.victims:
+                    head += data
+                    end = head.find(b"\r\n\r\n")
+                    if end < 0 or len(head) < end + 4 + 100:
+                        continue
+                    b.sendall(head[: end + 4 + 100])
+                    down_for, self.cut_after = self.cut_after, None
+                    self.victims.clear()
+                    self.cuts += 1
+                    self.down()
+                    threading.Timer(down_for, self.up).start()
+                    return
                 b.sendall(data)
         except OSError:
             pass
@@ -191,6 +215,33 @@ def flaky_s3(tmp_path):
     finally:
         proxy.down()
         server.stop()
+
+
+@pytest.mark.slow
+def test_response_cut_mid_body_is_read_again_after_the_outage(flaky_s3):
+    """botocore retries a request until its response's headers arrive; a connection cut while the
+    body streams reaches the caller as aiohttp's ClientPayloadError. clear_errors sends such a
+    read once more, and that request waits the outage out under botocore's policy."""
+    fs_direct, proxy, b = flaky_s3["direct"], flaky_s3["proxy"], flaky_s3["bucket"]
+    data = os.urandom(200_000)
+    fs_direct.pipe(f"{b}/obj.bin", data)
+    fs, path = st.get_fs(f"s3://{b}/obj.bin", flaky_s3["opts"])
+
+    proxy.cut_next_body(down_for=0.5)  # as each job's read was before: one try, the cut is the error
+    with pytest.raises(Exception) as err:
+        st.read_bytes(fs, path)
+    assert proxy.cuts == 1 and st.is_body_cut(err.value), repr(err.value)
+    assert st.read_bytes(fs, path) == data  # a new request: botocore waits the outage out
+
+    proxy.cut_next_body(down_for=3.0)
+    t0 = time.time()
+    assert st.clear_errors(lambda: st.read_bytes(fs, path), f"read s3://{b}/obj.bin") == data
+    assert proxy.cuts == 2 and time.time() - t0 >= 3.0  # the second try met the outage and waited it out
+    # anything else is not tried again: one call, its error as it is
+    calls = []
+    with pytest.raises(FileNotFoundError):
+        st.clear_errors(lambda: calls.append(1) or st.read_bytes(fs, f"{b}/missing.bin"), "read missing")
+    assert calls == [1]
 
 
 def _upload(local: Path, fs, prefix: str) -> None:
