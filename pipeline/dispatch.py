@@ -113,11 +113,11 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
             for ref in done:
                 if ref in pings:
                     i = pings.pop(ref)
-                    _get_start(ref)  # a worker that cannot start (its codec fails to load) raises here
+                    _get(ref)  # a worker that cannot start (its codec fails to load) raises here
                     ready.append(i)
                 else:
                     load[inflight.pop(ref)] -= 1
-                    on_result(ray.get(ref))
+                    on_result(_get(ref))
             if poll is not None and poll_s is not None and time.monotonic() >= next_poll:
                 poll()
                 next_poll = time.monotonic() + poll_s
@@ -127,19 +127,20 @@ def run_pool(items: list[dict], worker_cls: type, kwargs: dict, *, min_size: int
     return {"actors": n, "ready": len(ready)}
 
 
-def _get_start(ref: Any) -> None:
-    """Wait for a worker's start; its constructor's error is raised as itself (a BackboneError
-    that says how to point at a local snapshot, a CodecError naming the option), not as Ray's
-    wrapper whose first line is `ray::ShardWorker.ready()`."""
+def _get(ref: Any) -> Any:
+    """`ray.get` of a worker's call; an error it raised comes back as itself (a BackboneError
+    that says how to point at a local snapshot, an OSError naming the object it could not
+    write), not as Ray's wrapper whose first line is `ray::ShardWorker.run() (pid=...)`. The
+    wrapper, with the worker's traceback, stays as its cause for --debug."""
     import ray
     from ray.exceptions import RayTaskError
 
     try:
-        ray.get(ref)
+        return ray.get(ref)
     except RayTaskError as e:
         cause = e.cause
         if isinstance(cause, Exception) and not isinstance(cause, RayTaskError):
-            raise cause from None
+            raise cause from e
         raise
 
 

@@ -89,8 +89,11 @@ def test_worker_errors_end_the_pool_with_their_message(ray_local):
                      on_result=lambda r: None)
         assert type(err.value) is RuntimeError and str(err.value) == "the codec could not be loaded (test)"
     got = []
-    with pytest.raises(ValueError, match="shard 5 is broken"):
+    with pytest.raises(ValueError, match="shard 5 is broken") as err:
         run_pool([{"i": i} for i in range(10)], SlowEcho, {"fail_on": 5}, min_size=2, max_size=2,
                  remote_args={"num_cpus": 1, "max_restarts": 0}, start_timeout_s=60, on_result=got.append)
+    assert type(err.value) is ValueError and str(err.value) == "shard 5 is broken (test)"  # as the worker raised it
+    worker_tb = str(err.value.__cause__)  # Ray's wrapper, with the worker's traceback, kept for --debug
+    assert "ShardWorker.run()" in worker_tb and 'test_dispatch.py", line' in worker_tb
     assert 5 not in {i for i, _ in got}
     assert _free_cpus(ray_local, 4) == 4
