@@ -86,7 +86,9 @@ def test_ray_actor_restarts_then_the_batch_commits_without_the_poisoned_row(tmp_
     whose decode crashes the worker process on one row; one call returns the whole batch."""
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True,
+    # local: a multi-node test on another xdist worker leaves <tmp>/ray/ray_current_cluster naming
+    # its live cluster, which a bare ray.init() would try to join
+    ray.init(address="local", num_cpus=1, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         @ray.remote(max_restarts=-1, max_task_retries=-1)

@@ -87,7 +87,9 @@ def ray_local(tmp_path_factory):
     import ray
 
     tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, _temp_dir=str(tmp), include_dashboard=False, log_to_driver=True)
+    # local: a multi-node test on another xdist worker leaves <tmp>/ray/ray_current_cluster naming
+    # its live cluster, which a bare ray.init() would try to join
+    ray.init(address="local", num_cpus=2, _temp_dir=str(tmp), include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
 
